@@ -1,0 +1,1 @@
+"""Dataset readers (VOC, COCO), the embedded synthetic world and sample builders."""

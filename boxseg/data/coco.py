@@ -1,0 +1,240 @@
+"""COCO instances reader (the source dataset) through pycocotools.
+
+METHOD.md: objects of the 20 VOC categories are removed (not relabelled), images left with
+no source object are dropped, crowd regions become 255, and the 60 source categories get
+the stable contiguous index of `SOURCE_CLASSES` (ascending COCO id), saved with every
+artifact that depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from boxseg.data.boxes import union_box_mask
+from boxseg.data.classes import COCO_NAMES, IGNORE, SOURCE_CLASSES, VOC_COCO_IDS, ClassMap
+from boxseg.data.files import check_boxes, clip_boxes, read_image, resolve_inside
+from boxseg.errors import BadInputLog, DataError
+
+
+@dataclass
+class Instance:
+    label: int            # source index 1..60
+    box: np.ndarray       # float32 (4,) x0, y0, x1, y1
+    mask: np.ndarray      # bool (H, W)
+    crowd: bool
+
+
+@dataclass
+class COCOSample:
+    id: int
+    image: np.ndarray             # uint8 (H, W, 3)
+    boxes: np.ndarray             # float32 (N, 4), non-crowd instances
+    labels: np.ndarray            # int64 (N,), 1..60
+    mask: np.ndarray              # uint8 (H, W): 0 background, 1..60 classes, 255 crowd/overlap-free ignore
+    instances: list[Instance]
+
+
+def load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(path, "annotation file is missing")
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(path, "top level is not a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(path, f"missing or non-list '{key}'")
+    return data
+
+
+def _check_annotation(ann: dict, cats: set[int], path: Path) -> None:
+    aid = ann.get("id")
+    if ann.get("category_id") not in cats:
+        raise DataError(path, f"annotation {aid} has category_id {ann.get('category_id')} "
+                              f"not among the file's categories")
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        raise DataError(path, f"annotation {aid} has a malformed bbox {bbox!r}")
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        if not seg:
+            raise DataError(path, f"annotation {aid} has an empty polygon list")
+        for poly in seg:
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                n = len(poly) // 2 if isinstance(poly, list) else 0
+                raise DataError(path, f"annotation {aid} has a polygon with {n} point(s); at least 3 are needed")
+    elif isinstance(seg, dict):
+        if "counts" not in seg or "size" not in seg:
+            raise DataError(path, f"annotation {aid} has an RLE without counts/size")
+    else:
+        raise DataError(path, f"annotation {aid} has no usable segmentation")
+
+
+class COCOSource:
+    """The source set: COCO images holding at least one object of the 60 non-VOC classes.
+
+    Indexing validates the JSON, every annotation and every file path; images are decoded in
+    `__getitem__`. With `skip_bad`, a bad image (or an image with a bad annotation) is
+    skipped and logged, and every image is decoded once at indexing.
+    """
+
+    classes: ClassMap = SOURCE_CLASSES
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, skip_bad: bool = False,
+                 log: BadInputLog | None = None):
+        self.ann_file = Path(ann_file)
+        self.image_root = Path(image_root)
+        self.log = log if log is not None else BadInputLog()
+        data = load_json(self.ann_file)
+        cats = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+        unknown = sorted(c for c in cats if c not in COCO_NAMES)
+        if unknown:
+            raise DataError(self.ann_file, f"category ids {unknown} are not COCO's 80 categories")
+        voc_ids = set(VOC_COCO_IDS)
+        to_index = self.classes.index_of_coco_id()
+
+        anns_by_image: dict[int, list[dict]] = {}
+        bad_images: dict[int, DataError] = {}
+        self.removed_voc_objects = 0
+        for ann in data["annotations"]:
+            img_id = ann.get("image_id") if isinstance(ann, dict) else None
+            try:
+                if img_id is None:
+                    raise DataError(self.ann_file, f"annotation {ann!r:.80} has no image_id")
+                _check_annotation(ann, cats, self.ann_file)
+            except DataError as err:
+                if not skip_bad or img_id is None:
+                    raise
+                bad_images.setdefault(img_id, err)
+                continue
+            if ann["category_id"] in voc_ids:
+                self.removed_voc_objects += 1
+                continue
+            anns_by_image.setdefault(img_id, []).append(ann)
+
+        images, kept_anns = [], []
+        self.dropped_no_source = 0
+        seen_ids: set[int] = set()
+        for img in data["images"]:
+            img_id = img.get("id")
+            try:
+                if img_id in seen_ids:
+                    raise DataError(self.ann_file, f"duplicate image id {img_id}")
+                seen_ids.add(img_id)
+                if img_id in bad_images:
+                    raise bad_images[img_id]
+                anns = anns_by_image.get(img_id, [])
+                if not any(not a.get("iscrowd", 0) for a in anns):
+                    self.dropped_no_source += 1
+                    continue
+                path = resolve_inside(self.image_root, str(img.get("file_name", "")), self.ann_file)
+                if not path.is_file():
+                    raise DataError(path, f"image file of image id {img_id} (from {self.ann_file.name}) is missing")
+                h, w = int(img.get("height", 0)), int(img.get("width", 0))
+                if h <= 0 or w <= 0:
+                    raise DataError(self.ann_file, f"image {img_id} has no valid height/width")
+                for a in anns:
+                    x, y, bw, bh = a["bbox"]
+                    check_boxes(np.array([[x, y, x + bw, y + bh]], np.float32), w, h, self.ann_file,
+                                [f"annotation {a.get('id')}"])
+                if skip_bad:
+                    self._check_image(path, (h, w))
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                self.log.skip(err, item=str(img_id))
+                continue
+            images.append(img)
+            kept_anns.extend(anns)
+
+        self.images = images
+        self.paths = {img["id"]: self.image_root / img["file_name"] for img in images}
+        filtered = dict(data, images=images, annotations=kept_anns,
+                        categories=[c for c in data["categories"] if c["id"] in to_index])
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco = COCO()
+            self.coco.dataset = filtered
+            self.coco.createIndex()
+        self._to_index = to_index
+
+    def _check_image(self, path: Path, hw: tuple[int, int]) -> np.ndarray:
+        image = read_image(path)
+        if image.shape[:2] != hw:
+            raise DataError(path, f"image is {image.shape[1]}x{image.shape[0]} but {self.ann_file.name} "
+                                  f"says {hw[1]}x{hw[0]}")
+        return image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def annotations(self, i: int) -> list[dict]:
+        return self.coco.imgToAnns[self.images[i]["id"]]
+
+    def __getitem__(self, i: int) -> COCOSample:
+        info = self.images[i]
+        h, w = int(info["height"]), int(info["width"])
+        image = self._check_image(self.paths[info["id"]], (h, w))
+        mask = np.zeros((h, w), dtype=np.uint8)
+        crowd = np.zeros((h, w), dtype=bool)
+        instances = []
+        for ann in self.annotations(i):
+            m = self.coco.annToMask(ann).astype(bool)
+            label = self._to_index[ann["category_id"]]
+            x, y, bw, bh = ann["bbox"]
+            box, _ = clip_boxes(np.array([[x, y, x + bw, y + bh]], np.float32), w, h)
+            is_crowd = bool(ann.get("iscrowd", 0))
+            instances.append(Instance(label, box[0], m, is_crowd))
+            if is_crowd:
+                crowd |= m
+            else:
+                mask[m] = label
+        mask[crowd] = IGNORE
+        objs = [inst for inst in instances if not inst.crowd]
+        boxes = np.stack([o.box for o in objs]).astype(np.float32) if objs else np.zeros((0, 4), np.float32)
+        labels = np.array([o.label for o in objs], dtype=np.int64)
+        return COCOSample(int(info["id"]), image, boxes, labels, mask, instances)
+
+    def class_pairs(self) -> list[tuple[int, int]]:
+        """(image index, source class 1..60) for every class present (non-crowd) in an image."""
+        pairs = []
+        for i in range(len(self.images)):
+            present = sorted({self._to_index[a["category_id"]] for a in self.annotations(i) if not a.get("iscrowd", 0)})
+            pairs += [(i, c) for c in present]
+        return pairs
+
+
+@dataclass
+class ClassSample:
+    """One SegNet2 training sample: (image, class m)."""
+    image: np.ndarray     # uint8 (H, W, 3)
+    box_mask: np.ndarray  # bool (H, W): 1 inside any box of class m
+    target: np.ndarray    # uint8 (H, W): 1 on every pixel of class m (not clipped to the box), 0 else, 255 ignore
+    boxes: np.ndarray     # float32 (K, 4): the boxes of class m
+    label: int            # m
+
+
+def class_sample(sample: COCOSample, label: int) -> ClassSample:
+    """Build the per-(image, class) sample of METHOD.md from a decoded source image."""
+    h, w = sample.mask.shape
+    boxes = sample.boxes[sample.labels == label]
+    target = (sample.mask == label).astype(np.uint8)
+    target[sample.mask == IGNORE] = IGNORE
+    return ClassSample(sample.image, union_box_mask(boxes, h, w), target, boxes, label)
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """bool (H, W) -> COCO compressed RLE with utf-8 counts (JSON-serialisable)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle

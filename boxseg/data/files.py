@@ -1,0 +1,175 @@
+"""Reading and writing dataset files safely: paths kept inside their root, images decoded
+with a clear error, label PNGs checked, outputs written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from boxseg.data.classes import IGNORE, voc_palette
+from boxseg.errors import DataError
+
+
+def resolve_inside(root: Path, relative: str, source: str | Path) -> Path:
+    """`root / relative`, refusing absolute paths and anything that escapes `root`.
+
+    `source` names the file the path came from (a split list, a COCO JSON) for the error.
+    Symlinks are resolved before the check, so a link pointing outside is refused too.
+    """
+    if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        raise DataError(source, f"path {relative!r} is absolute or empty; expected a path inside {root}")
+    root_real = Path(os.path.realpath(root))
+    candidate = Path(os.path.realpath(root / relative))
+    if candidate != root_real and root_real not in candidate.parents:
+        raise DataError(source, f"path {relative!r} escapes the dataset root {root}")
+    return candidate
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 RGB (H, W, 3).
+
+    Greyscale, palette, CMYK and RGBA are converted to RGB; 16-bit images are scaled to
+    8 bits. Pillow's decompression-bomb guard stays on. Errors name the file.
+    """
+    if not path.is_file():
+        raise DataError(path, "image file is missing")
+    if path.stat().st_size == 0:
+        raise DataError(path, "image file is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return image_to_rgb(img, path)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(path, f"refused as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot decode image: {e}") from None
+
+
+def image_to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.int64)
+        scale = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        grey = np.clip(arr * 255 // scale, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise DataError(path, "floating-point images are not supported")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_label(path: Path, num_classes: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a label PNG (palette or greyscale) to uint8 (H, W) with values in {0..num_classes-1, 255}.
+
+    An RGB label, a value outside that set or a size different from the image is an error
+    naming the file.
+    """
+    if not path.is_file():
+        raise DataError(path, "label file is missing")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("P", "L"):
+                raise DataError(path, f"label PNG is in mode {img.mode}; expected palette (P) or greyscale (L) indices")
+            label = np.asarray(img, dtype=np.uint8).copy()
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot decode label PNG: {e}") from None
+    values = np.unique(label)
+    bad = values[(values >= num_classes) & (values != IGNORE)]
+    if bad.size:
+        raise DataError(path, f"label values {bad.tolist()} outside 0..{num_classes - 1} and {IGNORE}")
+    if expected_hw is not None and label.shape != tuple(expected_hw):
+        raise DataError(path, f"label size {label.shape[1]}x{label.shape[0]} differs from image size "
+                              f"{expected_hw[1]}x{expected_hw[0]}")
+    return label
+
+
+def read_list(path: Path) -> list[str]:
+    """Read an ImageSets-style list: one id per line; blank lines ignored; duplicates are an error."""
+    if not path.is_file():
+        raise DataError(path, "split list is missing")
+    ids = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
+    seen: set[str] = set()
+    dups = sorted({i for i in ids if i in seen or seen.add(i)})
+    if dups:
+        raise DataError(path, f"duplicate ids in split list: {dups[:5]}{' ...' if len(dups) > 5 else ''}")
+    return ids
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    Readers never see a half-written file under the final name; a crash leaves at most a
+    hidden `.tmp` file that the next writer ignores.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W) label map as a VOC-palette PNG."""
+    img = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="P")
+    img.putpalette(voc_palette())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_label_png(path: Path, label: np.ndarray) -> None:
+    write_bytes_atomic(path, encode_label_png(label))
+
+
+def write_jpeg(path: Path, image: np.ndarray, quality: int = 92) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, int]:
+    """Clip float boxes (N, 4) x0,y0,x1,y1 to the image; returns the boxes and how many changed."""
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, width)
+    clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, height)
+    changed = int(np.any(clipped != boxes, axis=1).sum())
+    return clipped, changed
+
+
+def check_boxes(boxes: np.ndarray, width: int, height: int, path: Path,
+                names: Sequence[str] | None = None) -> None:
+    """Raise DataError for a box with x0 >= x1 or y0 >= y1, or lying wholly outside the image."""
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        what = f"box {i}" + (f" ({names[i]})" if names is not None else "")
+        if not np.all(np.isfinite([x0, y0, x1, y1])):
+            raise DataError(path, f"{what} has non-finite coordinates")
+        if x0 > x1 or y0 > y1:
+            raise DataError(path, f"{what} has min > max: {[x0, y0, x1, y1]}")
+        if x0 == x1 or y0 == y1:
+            raise DataError(path, f"{what} has zero area: {[x0, y0, x1, y1]}")
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            raise DataError(path, f"{what} {[x0, y0, x1, y1]} lies outside the {width}x{height} image")

@@ -1,0 +1,394 @@
+"""The embedded synthetic world: a COCO-format source set and a VOC-format target set.
+
+Objects are class-specific polygons (ellipse, triangle, star, cross, blob, L) painted with a
+class colour pair and texture (plain, stripes, checker, dots) over a cluttered, low-saturation
+background; they occlude each other and may run off the image edge. A class is recognisable
+by its colours, texture and shape; "objectness" (a saturated, coherently textured region
+against grey clutter) is shared by all 80 classes, so a class-agnostic segmenter learned on
+the 60 source classes carries over to the 20 target classes, as on real data.
+
+Appearance depends only on the class (fixed seed per COCO id); layouts depend on `seed`, one
+random stream per image, so a world is reproducible and can be generated in parallel.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from boxseg.data.boxes import fill_boxes
+from boxseg.data.classes import COCO_CATEGORIES, IGNORE, SOURCE_COCO_IDS, VOC_CLASSES, VOC_COCO_IDS
+from boxseg.data.coco import encode_rle
+from boxseg.data.files import encode_label_png, write_bytes_atomic, write_jpeg
+from boxseg.metrics import ConfusionMatrix
+
+SHAPES = ("ellipse", "triangle", "star", "cross", "blob", "lshape")
+TEXTURES = ("plain", "stripes", "checker", "dots")
+
+
+@dataclass(frozen=True)
+class SynthSize:
+    n_source: int    # COCO source images
+    n_train: int     # VOC target train images
+    n_val: int       # VOC target val images
+    min_side: int    # image sides are drawn from [min_side, max_side]
+    max_side: int
+
+
+SIZES: dict[str, SynthSize] = {
+    "tiny": SynthSize(400, 200, 100, 96, 144),      # the CPU demo
+    "small": SynthSize(2000, 1000, 300, 128, 224),
+    "medium": SynthSize(10000, 5000, 1449, 256, 400),
+    "large": SynthSize(40000, 10582, 1449, 320, 500),  # VOC/SBD-sized, for GPU runs
+}
+
+
+def size_preset(name: str) -> SynthSize:
+    try:
+        return SIZES[name]
+    except KeyError:
+        raise KeyError(f"unknown synthetic size {name!r}; valid: {sorted(SIZES)}") from None
+
+
+@dataclass(frozen=True)
+class Appearance:
+    shape: str
+    color1: tuple[float, float, float]   # RGB 0..255
+    color2: tuple[float, float, float]
+    texture: str
+    period: float      # texture period in pixels at radius 40
+    tex_angle: float
+    shape_param: float  # star inner radius / cross arm width / blob roughness
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return (r * 255.0, g * 255.0, b * 255.0)
+
+
+def class_appearance(coco_id: int) -> Appearance:
+    """The fixed look of a COCO category. VOC classes get evenly spaced hues so that 20
+    classes stay separable for a small network; source classes get varied ones."""
+    rng = np.random.default_rng(1000 + coco_id)
+    if coco_id in VOC_COCO_IDS:
+        k = VOC_COCO_IDS.index(coco_id)  # 0..19
+        hue = k / 20.0
+        sat, val = 0.85, (0.95 if k % 2 == 0 else 0.7)
+        shape = SHAPES[(k * 5) % len(SHAPES)]
+        texture = TEXTURES[(k // 2) % len(TEXTURES)]
+    else:
+        k = SOURCE_COCO_IDS.index(coco_id)
+        hue = (k * 0.618034) % 1.0
+        sat, val = float(rng.uniform(0.55, 0.95)), float(rng.uniform(0.55, 0.95))
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    color1 = _hsv(hue, sat, val)
+    color2 = _hsv(hue + 0.06, min(1.0, sat + 0.1), val * 0.55)
+    shape_param = {"star": rng.uniform(0.42, 0.55), "cross": rng.uniform(0.38, 0.5),
+                   "blob": rng.uniform(0.12, 0.22)}.get(shape, 0.0)
+    return Appearance(shape, color1, color2, texture, float(rng.uniform(7, 12)),
+                      float(rng.uniform(0, math.pi)), float(shape_param))
+
+
+def _unit_polygon(app: Appearance, rng: np.random.Generator) -> np.ndarray:
+    """(K, 2) polygon in [-1, 1]^2 for one instance of a class."""
+    if app.shape == "ellipse":
+        t = np.linspace(0, 2 * np.pi, 28, endpoint=False)
+        return np.stack([np.cos(t), np.sin(t)], 1)
+    if app.shape == "triangle":
+        t = np.array([90, 210, 330]) * np.pi / 180 + rng.uniform(-0.15, 0.15, 3)
+        return np.stack([np.cos(t), np.sin(t)], 1)
+    if app.shape == "star":
+        n = 5
+        t = np.linspace(0, 2 * np.pi, 2 * n, endpoint=False)
+        r = np.where(np.arange(2 * n) % 2 == 0, 1.0, app.shape_param)
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    if app.shape == "cross":
+        a = app.shape_param
+        pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+        return np.array(pts, dtype=np.float64)
+    if app.shape == "blob":
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        r = np.ones_like(t)
+        for k in (2, 3, 5):
+            r += app.shape_param * rng.uniform(0.5, 1.0) * np.sin(k * t + rng.uniform(0, 2 * np.pi))
+        r /= r.max()
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    if app.shape == "lshape":
+        return np.array([(-1, -1), (1, -1), (1, -0.15), (-0.15, -0.15), (-0.15, 1), (-1, 1)], dtype=np.float64)
+    raise ValueError(app.shape)
+
+
+def _texture(app: Appearance, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float,
+             rot: float) -> np.ndarray:
+    """Blend weight t in [0, 1] (H, W) between colour1 and colour2."""
+    period = app.period * max(r, 12.0) / 40.0
+    phi = app.tex_angle + rot
+    u = ((xx - cx) * math.cos(phi) + (yy - cy) * math.sin(phi)) / period
+    v = (-(xx - cx) * math.sin(phi) + (yy - cy) * math.cos(phi)) / period
+    if app.texture == "stripes":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * u)
+    if app.texture == "checker":
+        return ((np.floor(u) + np.floor(v)) % 2).astype(np.float64)
+    if app.texture == "dots":
+        return ((np.sin(2 * np.pi * u) * np.sin(2 * np.pi * v)) > 0.35).astype(np.float64)
+    return np.clip(np.hypot(xx - cx, yy - cy) / max(r, 1.0), 0, 1) * 0.6  # plain: radial shading
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Low-saturation, smoothly varying background with clutter: float32 (H, W, 3)."""
+    base = np.array(_hsv(rng.uniform(), rng.uniform(0.0, 0.2), rng.uniform(0.35, 0.8)), np.float32)
+    coarse = rng.normal(0, 1, (5, 5, 3)).astype(np.float32)
+    coarse = coarse.mean(2, keepdims=True) * 0.8 + coarse * 0.2  # mostly luminance variation
+    smooth = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    img = base + 38.0 * smooth + rng.normal(0, 5, (h, w, 3)).astype(np.float32)
+    for _ in range(int(rng.integers(4, 11))):  # thin clutter lines
+        col = tuple(float(c) for c in _hsv(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.2, 0.9)))
+        p0 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.line(img, p0, p1, col, int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(3, 10))):  # small dots, some saturated
+        col = tuple(float(c) for c in _hsv(rng.uniform(), rng.uniform(0.1, 0.6), rng.uniform(0.3, 0.9)))
+        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(1, 4)), col, -1)
+    return img
+
+
+@dataclass
+class DrawnObject:
+    coco_id: int
+    mask: np.ndarray          # bool (H, W), visible part
+    full_mask: np.ndarray     # bool (H, W), before occlusion (inside the image)
+    polygon: np.ndarray       # (K, 2) image coordinates
+    truncated: bool           # the shape runs off the image
+
+
+def render_scene(rng: np.random.Generator, coco_ids: list[int], h: int, w: int
+                 ) -> tuple[np.ndarray, list[DrawnObject]]:
+    """Paint objects of the given categories, in order (later ones occlude earlier ones).
+
+    Returns the uint8 image and the objects that stayed visible enough (>= 35% of their
+    area and >= 40 pixels); placements that would hide most of an earlier object are retried.
+    """
+    img = _background(rng, h, w)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    objects: list[DrawnObject] = []
+    side = min(h, w)
+    for cid in coco_ids:
+        app = class_appearance(cid)
+        for _attempt in range(12):
+            r = rng.uniform(0.17, 0.40) * side
+            aspect = math.exp(rng.uniform(-0.3, 0.3))
+            rot = rng.uniform(0, 2 * np.pi)
+            cx, cy = rng.uniform(-0.05 * w, 1.05 * w), rng.uniform(-0.05 * h, 1.05 * h)
+            unit = _unit_polygon(app, rng) * np.array([aspect, 1 / aspect])
+            c, s = math.cos(rot), math.sin(rot)
+            poly = unit @ np.array([[c, s], [-s, c]]) * r + np.array([cx, cy])
+            rle = mask_utils.frPyObjects([poly.reshape(-1).tolist()], h, w)
+            full = mask_utils.decode(rle)[..., 0].astype(bool)
+            area = int(full.sum())
+            if area < 40:
+                continue
+            if any((o.mask & ~full).sum() < 0.5 * o.mask.sum() for o in objects):
+                continue  # would hide more than half of an earlier object
+            break
+        else:
+            continue
+        t = _texture(app, xx, yy, cx, cy, r, rot)[..., None]
+        col = np.array(app.color1) * (1 - t) + np.array(app.color2) * t
+        shade = 1.0 - 0.2 * (((xx - cx) * math.cos(rot) + (yy - cy) * math.sin(rot)) / max(r, 1.0))[..., None]
+        jitter = rng.normal(0, 8, 3)
+        img[full] = (col * shade + jitter)[full]
+        for o in objects:
+            o.mask &= ~full
+        truncated = bool(poly[:, 0].min() < 0 or poly[:, 1].min() < 0 or poly[:, 0].max() > w or poly[:, 1].max() > h)
+        objects.append(DrawnObject(cid, full.copy(), full, poly, truncated))
+    img += rng.normal(0, 3, img.shape)
+    kept = [o for o in objects if o.mask.sum() >= max(40, 0.35 * o.full_mask.sum())]
+    return np.clip(img, 0, 255).astype(np.uint8), kept
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """0-based, exclusive-end box x0, y0, x1, y1 of a non-empty bool mask."""
+    rows, cols = np.any(mask, 1), np.any(mask, 0)
+    y0, y1 = int(np.argmax(rows)), int(len(rows) - np.argmax(rows[::-1]))
+    x0, x1 = int(np.argmax(cols)), int(len(cols) - np.argmax(cols[::-1]))
+    return x0, y0, x1, y1
+
+
+def void_band(label: np.ndarray) -> np.ndarray:
+    """Mark pixels whose 4-neighbour carries another label as 255 (VOC's border band)."""
+    out = label.copy()
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
+    edge[1:, :] |= label[1:, :] != label[:-1, :]
+    edge[:-1, :] |= label[1:, :] != label[:-1, :]
+    out[edge] = IGNORE
+    return out
+
+
+def _n_objects(rng: np.random.Generator) -> int:
+    return int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.23, 0.12]))
+
+
+def _image_size(rng: np.random.Generator, size: SynthSize) -> tuple[int, int]:
+    return int(rng.integers(size.min_side, size.max_side + 1)), int(rng.integers(size.min_side, size.max_side + 1))
+
+
+def _make_target(args: tuple[int, int, str, SynthSize]) -> dict:
+    seed, index, split, size = args
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2, index])
+    h, w = _image_size(rng, size)
+    while True:
+        ids = [int(rng.choice(VOC_COCO_IDS)) for _ in range(_n_objects(rng))]
+        image, objs = render_scene(rng, ids, h, w)
+        if objs:
+            break
+    label = np.zeros((h, w), np.uint8)
+    for o in objs:
+        label[o.mask] = VOC_COCO_IDS.index(o.coco_id) + 1
+    objects = [{"name": VOC_CLASSES[VOC_COCO_IDS.index(o.coco_id) + 1], "box": tight_box(o.mask),
+                "truncated": o.truncated, "difficult": bool(o.mask.sum() < 0.01 * h * w)} for o in objs]
+    return {"id": f"synth_{split}_{index:06d}", "image": image, "label": void_band(label), "objects": objects}
+
+
+def _make_source(args: tuple[int, int, SynthSize]) -> dict:
+    seed, index, size = args
+    rng = np.random.default_rng([seed, 3, index])
+    h, w = _image_size(rng, size)
+    roll = rng.uniform()
+    if roll < 0.03:   # only VOC objects: the reader must drop this image
+        ids = [int(rng.choice(VOC_COCO_IDS)) for _ in range(_n_objects(rng))]
+    else:
+        ids = [int(rng.choice(SOURCE_COCO_IDS)) for _ in range(_n_objects(rng))]
+        if roll < 0.28:  # a VOC-class object the reader must remove
+            ids.insert(int(rng.integers(len(ids) + 1)), int(rng.choice(VOC_COCO_IDS)))
+    image, objs = render_scene(rng, ids, h, w)
+    crowd_index = int(rng.integers(len(objs))) if objs and rng.uniform() < 0.05 else -1
+    anns = []
+    for k, o in enumerate(objs):
+        x0, y0, x1, y1 = tight_box(o.mask)
+        if k == crowd_index:  # crowd regions come as uncompressed RLE, as in real COCO
+            rle = mask_utils.encode(np.asfortranarray(o.mask.astype(np.uint8)))
+            seg = {"size": [h, w], "counts": _uncompressed_counts(o.mask)}
+            del rle
+        elif not o.truncated and np.array_equal(o.mask, o.full_mask):
+            seg = [np.round(o.polygon.reshape(-1), 2).tolist()]
+        else:
+            seg = encode_rle(o.mask)
+        anns.append({"category_id": o.coco_id, "segmentation": seg, "area": float(o.mask.sum()),
+                     "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": int(k == crowd_index)})
+    return {"image": image, "height": h, "width": w, "annotations": anns}
+
+
+def _uncompressed_counts(mask: np.ndarray) -> list[int]:
+    flat = mask.astype(np.uint8).reshape(-1, order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return runs if flat[0] == 0 else [0] + runs
+
+
+def _voc_xml(sample_id: str, h: int, w: int, objects: list[dict]) -> bytes:
+    ann = ET.Element("annotation")
+    ET.SubElement(ann, "folder").text = "VOC2012"
+    ET.SubElement(ann, "filename").text = f"{sample_id}.jpg"
+    size = ET.SubElement(ann, "size")
+    for tag, val in (("width", w), ("height", h), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(val)
+    ET.SubElement(ann, "segmented").text = "1"
+    for o in objects:
+        obj = ET.SubElement(ann, "object")
+        ET.SubElement(obj, "name").text = o["name"]
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = str(int(o["truncated"]))
+        ET.SubElement(obj, "difficult").text = str(int(o["difficult"]))
+        bb = ET.SubElement(obj, "bndbox")
+        x0, y0, x1, y1 = o["box"]
+        for tag, val in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1), ("ymax", y1)):
+            ET.SubElement(bb, tag).text = str(val)  # 1-based, inclusive
+    ET.indent(ann)
+    return ET.tostring(ann, encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class SynthWorld:
+    """Where a synthetic world lies and how it was made."""
+    root: Path
+    coco_images: Path
+    coco_ann: Path
+    voc_root: Path
+    box_baseline_miou: float
+
+
+def world_paths(root: Path) -> tuple[Path, Path, Path]:
+    return root / "coco" / "images", root / "coco" / "annotations" / "instances_train.json", root / "voc" / "VOC2012"
+
+
+def write_synth(out: str | Path, seed: int = 0, size: SynthSize = SIZES["tiny"], workers: int | None = None,
+                progress: bool = False) -> SynthWorld:
+    """Write the synthetic world under `out` and return its paths and the box-baseline mIoU
+    (box-filled labels against the target train masks, in [0, 1])."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    coco_images, coco_ann, voc = world_paths(out)
+    for d in (coco_images, coco_ann.parent, voc / "JPEGImages", voc / "Annotations",
+              voc / "SegmentationClass", voc / "ImageSets" / "Segmentation"):
+        d.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(4, os.cpu_count() or 1)
+    chunks = 16
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    mapper = (lambda f, it: pool.map(f, it, chunksize=chunks)) if pool else map
+    try:
+        conf = ConfusionMatrix(len(VOC_CLASSES))
+        for split, n in (("train", size.n_train), ("val", size.n_val)):
+            ids = []
+            jobs = [(seed, i, split, size) for i in range(n)]
+            for s in tqdm(mapper(_make_target, jobs), total=n, desc=f"target {split}", disable=not progress):
+                h, w = s["label"].shape
+                write_jpeg(voc / "JPEGImages" / f"{s['id']}.jpg", s["image"])
+                write_bytes_atomic(voc / "Annotations" / f"{s['id']}.xml", _voc_xml(s["id"], h, w, s["objects"]))
+                write_bytes_atomic(voc / "SegmentationClass" / f"{s['id']}.png", encode_label_png(s["label"]))
+                if split == "train":
+                    boxes = np.array([[x0, y0, x1, y1] for x0, y0, x1, y1 in (o["box"] for o in s["objects"])], np.float32)
+                    labels = np.array([VOC_CLASSES.index(o["name"]) for o in s["objects"]])
+                    conf.update(fill_boxes(boxes, labels, h, w), s["label"])
+                ids.append(s["id"])
+            write_bytes_atomic(voc / "ImageSets" / "Segmentation" / f"{split}.txt", ("\n".join(ids) + "\n").encode())
+        trainval = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text() + \
+            (voc / "ImageSets" / "Segmentation" / "val.txt").read_text()
+        write_bytes_atomic(voc / "ImageSets" / "Segmentation" / "trainval.txt", trainval.encode())
+
+        images, annotations = [], []
+        jobs = [(seed, i, size) for i in range(size.n_source)]
+        for i, s in enumerate(tqdm(mapper(_make_source, jobs), total=size.n_source, desc="source", disable=not progress)):
+            image_id = i + 1
+            name = f"{image_id:012d}.jpg"
+            write_jpeg(coco_images / name, s["image"])
+            images.append({"id": image_id, "file_name": name, "height": s["height"], "width": s["width"]})
+            for a in s["annotations"]:
+                annotations.append(dict(a, id=len(annotations) + 1, image_id=image_id))
+    finally:
+        if pool:
+            pool.shutdown()
+    coco = {"info": {"description": "boxseg synthetic source set", "seed": seed, "size": asdict(size)},
+            "licenses": [], "images": images, "annotations": annotations,
+            "categories": [{"id": cid, "name": name, "supercategory": "synthetic"} for cid, name in COCO_CATEGORIES]}
+    write_bytes_atomic(coco_ann, json.dumps(coco).encode())
+    box_miou = conf.scores().miou
+    meta = {"seed": seed, "size": asdict(size), "box_baseline_miou_train": box_miou,
+            "coco_images": str(coco_images.relative_to(out)), "coco_ann": str(coco_ann.relative_to(out)),
+            "voc_root": str(voc.relative_to(out))}
+    write_bytes_atomic(out / "synth.json", json.dumps(meta, indent=2).encode())
+    return SynthWorld(out, coco_images, coco_ann, voc, box_miou)

@@ -1,0 +1,45 @@
+"""Errors for bad input and the record of what `--skip-bad` skipped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(Exception):
+    """Bad input: names the file and the problem.
+
+    Raised for corrupt images, label PNGs with unexpected values, invalid boxes, malformed
+    XML/JSON, missing files and paths escaping the dataset root.
+    """
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # survives the trip back from a DataLoader worker
+        return (DataError, (self.path, self.problem))
+
+
+@dataclass
+class BadInputLog:
+    """What was skipped under `--skip-bad`, and what was repaired (clipped boxes)."""
+
+    skipped: list[dict] = field(default_factory=list)
+    clipped_boxes: int = 0
+
+    def skip(self, err: DataError, item: str | None = None) -> None:
+        self.skipped.append({"item": item, "path": err.path, "problem": err.problem})
+
+    def to_dict(self) -> dict:
+        return {
+            "skipped_count": len(self.skipped),
+            "skipped": list(self.skipped),
+            "clipped_boxes": self.clipped_boxes,
+        }
+
+    def summary(self) -> str:
+        lines = [f"skipped {len(self.skipped)} bad input(s); clipped {self.clipped_boxes} box(es)"]
+        lines += [f"  {s['path']}: {s['problem']}" for s in self.skipped]
+        return "\n".join(lines)
