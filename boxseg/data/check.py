@@ -92,6 +92,8 @@ def check_voc(root: Path, progress: bool = False) -> CheckReport:
             sizes.append(s.image.shape[:2])
             if s.mask is not None:
                 conf.update(fill_boxes(s.boxes, s.labels, *s.mask.shape), s.mask)
+    unique = {(e["path"], e["problem"]): e for e in report.log.skipped}  # trainval repeats train/val
+    report.log.skipped = list(unique.values())
     report.box_stats = _box_stats(boxes, sizes)
     scores = conf.scores()
     if scores.pixels:
