@@ -37,16 +37,24 @@ class ConfusionMatrix:
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.pred_ignored = 0  # truth-labelled pixels a proposal marked 255 (pred_ignore=True)
 
-    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray,
+               pred_ignore: bool = False) -> None:
         """Add a batch. `pred` and `target` are integer label maps of one shape; target 255 is
-        ignored. A prediction outside 0..num_classes-1 at a counted pixel is an error."""
+        ignored. A prediction outside 0..num_classes-1 at a counted pixel is an error, unless
+        `pred_ignore` is set: then pixels a proposal marks 255 are left out too (and counted
+        in `self.pred_ignored`, so coverage can be reported)."""
         pred = torch.as_tensor(np.asarray(pred) if isinstance(pred, np.ndarray) else pred)
         target = torch.as_tensor(np.asarray(target) if isinstance(target, np.ndarray) else target)
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
         pred, target = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
         keep = target != IGNORE
+        if pred_ignore:
+            dropped = keep & (pred == IGNORE)
+            self.pred_ignored += int(dropped.sum())
+            keep &= pred != IGNORE
         pred, target = pred[keep], target[keep]
         if target.numel() and (target.max() >= self.num_classes or target.min() < 0):
             raise ValueError(f"target holds a class outside 0..{self.num_classes - 1}")
@@ -57,6 +65,12 @@ class ConfusionMatrix:
 
     def merge(self, other: "ConfusionMatrix") -> None:
         self.mat += other.mat
+        self.pred_ignored += other.pred_ignored
+
+    def coverage(self) -> float:
+        """Fraction of truth-labelled pixels that the prediction labelled (not 255)."""
+        counted = int(self.mat.sum())
+        return counted / max(1, counted + self.pred_ignored)
 
     def scores(self) -> SegScores:
         mat = self.mat.double()

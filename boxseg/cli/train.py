@@ -1,0 +1,116 @@
+"""boxseg-train: the whole alternating scheme and its baselines, from one command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from boxseg.config import TrainConfig, load_yaml, override, preset
+from boxseg.errors import DataError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def synth_cache_dir(size: str, seed: int) -> Path:
+    root = Path(os.environ.get("BOXSEG_CACHE", Path.home() / ".cache" / "boxseg"))
+    return root / "synth" / f"{size}-seed{seed}"
+
+
+@click.command()
+@click.option("--preset", "preset_name", default=None,
+              help="paper (METHOD.md's figures) or tiny (CPU demo). Default: tiny on the synthetic world, paper on real data.")
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path), help="YAML overlay of any fields.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Set any config field, e.g. --set segnet1.iters=500.")
+@click.option("--setting", type=click.Choice(["weak", "semi", "full"]), help="Supervision on the target.")
+@click.option("--rounds", type=int, help="Alternating rounds (default 3).")
+@click.option("--voc-root", type=click.Path(path_type=Path), help="VOC2012 folder (target). Omit for the synthetic world.")
+@click.option("--coco-ann", type=click.Path(path_type=Path), help="COCO instances JSON (source).")
+@click.option("--coco-images", type=click.Path(path_type=Path), help="COCO image folder (source).")
+@click.option("--semi-list", type=click.Path(exists=True), help="semi: file of target ids that keep their masks.")
+@click.option("--semi-fraction", type=float, help="semi: fraction of target train images that keep their masks.")
+@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), default=Path("runs/default"), show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue the run in --out (complete stages are reused, a stage resumes from last.pt).")
+@click.option("--skip-bad", is_flag=True, help="Skip and list bad inputs instead of stopping.")
+@click.option("--deterministic", is_flag=True, help="torch deterministic algorithms (bitwise reproducible on CPU).")
+def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, coco_images, semi_list, semi_fraction,
+         device, run_dir, resume, skip_bad, deterministic) -> None:
+    """Train SegNet2 and SegNet1 in alternating rounds, plus the baselines, and print the table."""
+    from boxseg.data.synth import size_preset, write_synth, world_paths
+    from boxseg.train import dist
+    from boxseg.train.alternate import Scheme, open_datasets, prepare_run, results_table
+
+    real = voc_root is not None
+    if real and (coco_ann is None or coco_images is None):
+        raise click.UsageError("real data needs --voc-root, --coco-ann and --coco-images together")
+    try:
+        cfg: TrainConfig = preset(preset_name or ("paper" if real else "tiny"))
+    except KeyError as e:
+        raise click.BadParameter(e.args[0], param_hint="--preset") from None
+    try:
+        if config_file:
+            cfg = load_yaml(config_file, cfg)
+        flags = {"setting": setting, "rounds": rounds, "semi_list": semi_list, "semi_fraction": semi_fraction,
+                 "device": device, "data.voc_root": voc_root and str(voc_root), "data.coco_ann": coco_ann and str(coco_ann),
+                 "data.coco_images": coco_images and str(coco_images), "data.skip_bad": skip_bad or None,
+                 "deterministic": deterministic or None}
+        for k, v in flags.items():
+            if v is not None:
+                cfg = override(cfg, k, v)
+        for s in sets:
+            k, eq, v = s.partition("=")
+            if not eq:
+                raise ValueError(f"--set expects FIELD=VALUE, got {s!r}")
+            cfg = override(cfg, k.strip(), v)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise click.UsageError(f"{run_dir} is not empty; pass --resume or choose another --out")
+
+    dev = resolve_device(cfg.device)
+    dist.init_from_env(dev)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if cfg.data.voc_root is None:
+        cache = synth_cache_dir(cfg.data.synth_size, cfg.data.synth_seed)
+        if not (cache / "synth.json").exists() and dist.is_main():
+            click.echo(f"building the synthetic world ({cfg.data.synth_size}, seed {cfg.data.synth_seed}) in {cache}")
+            write_synth(cache, seed=cfg.data.synth_seed, size=size_preset(cfg.data.synth_size))
+        dist.barrier()
+        coco_images_p, coco_ann_p, voc_root_p = world_paths(cache)
+    else:
+        voc_root_p, coco_ann_p, coco_images_p = Path(cfg.data.voc_root), Path(cfg.data.coco_ann), Path(cfg.data.coco_images)
+    try:
+        data = open_datasets(voc_root_p, coco_ann_p, coco_images_p, cfg.data.train_split, cfg.data.val_split,
+                             cfg.data.skip_bad, cache=cfg.data.voc_root is None)
+    except DataError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if data.log.skipped and dist.is_main():
+        click.echo(data.log.summary(), err=True)
+    prepare_run(cfg, run_dir)
+    scheme = Scheme(cfg, run_dir, data, dev, progress=sys.stderr.isatty())
+    from boxseg.train.loop import TrainingDiverged
+    try:
+        res = scheme.run()
+    except (TrainingDiverged, DataError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(3)
+    if dist.is_main():
+        click.echo(results_table(res))
+        if "ratio_learned_full" in res:
+            click.echo(f"final round / full: {res['ratio_learned_full']:.3f}; "
+                       f"gain over box-filled: {res.get('gain_over_box_points', float('nan')):+.1f} points")
+        click.echo(f"results: {run_dir / 'results.json'}")

@@ -1,0 +1,182 @@
+"""Typed, frozen configuration. YAML only loads and saves these dataclasses; the resolved
+config is written next to every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class SegNet1Config:
+    width: float = 1.0
+    batch_norm: bool = False           # only for small widths trained from scratch
+    vgg_weights: str | None = None     # local torchvision VGG16 state dict (ImageNet init)
+    crop: int = 321
+    test_size: int = 513               # images are padded to this (scaled down if larger)
+    batch: int = 30
+    iters: int = 20000
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+
+
+@dataclass(frozen=True)
+class SegNet2Config:
+    widths: tuple[int, ...] = (96, 96, 128, 128, 128, 192)
+    blocks: int = 2
+    bottom_blocks: int = 4
+    stem_channels: int = 64
+    input_size: int = 512
+    batch: int = 32
+    iters: int = 60000                 # round 1
+    iters_next: int = 60000            # rounds >= 2 (they start from round 1's weights)
+    lr: float = 1e-4
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    threshold: float = 0.5             # foreground probability a pixel must clear
+    margin: float = 0.1                # |p - threshold| < margin -> 255
+    class_margin: float = 0.1          # two classes within this -> 255
+    merge: str = "ignore"              # "ignore" (METHOD.md) or "order" (reference code)
+    batch: int = 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    voc_root: str | None = None        # None: build the embedded synthetic world
+    coco_ann: str | None = None
+    coco_images: str | None = None
+    train_split: str = "train"         # "train_aug" on real VOC + SBD
+    val_split: str = "val"
+    synth_size: str = "tiny"
+    synth_seed: int = 0
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "paper"
+    setting: str = "weak"              # weak | semi | full
+    rounds: int = 3
+    baselines: tuple[str, ...] = ("box", "box-centre", "grabcut", "full")
+    semi_fraction: float = 0.0         # semi: fraction of target train images keeping masks
+    semi_list: str | None = None       # semi: file of ids keeping masks (overrides fraction)
+    box_centre_fraction: float = 0.5   # box-centre baseline: inner fraction of each side
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+    amp: str = "bf16"                  # autocast dtype on CUDA: bf16 | fp16 | none
+    workers: int = 4
+    checkpoint_every: int = 500
+    deterministic: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    segnet1: SegNet1Config = field(default_factory=SegNet1Config)
+    segnet2: SegNet2Config = field(default_factory=SegNet2Config)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "paper": TrainConfig(),
+    # The CPU demo: narrow networks trained from scratch on the tiny synthetic world.
+    "tiny": TrainConfig(
+        preset="tiny", workers=0, checkpoint_every=50, amp="none",
+        segnet1=SegNet1Config(width=0.25, batch_norm=True, crop=97, test_size=145, batch=16, iters=150,
+                              lr=0.01),
+        segnet2=SegNet2Config(widths=(24, 32, 48, 64), blocks=1, bottom_blocks=2, stem_channels=16,
+                              input_size=128, batch=16, iters=200, iters_next=100, lr=2e-3),
+        proposals=ProposalConfig(batch=64),
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if origin is tuple:
+        (elem, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(elem, v, where) for v in value)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(f"{where}: expected a boolean, got {value!r}")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; valid: {sorted(names)}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def override(cfg, dotted: str, value):
+    """Return cfg with one field (`segnet1.iters`, `data.voc_root`) replaced; values from
+    the command line are parsed as YAML scalars/lists and type-checked."""
+    head, _, rest = dotted.partition(".")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names:
+        raise ValueError(f"unknown field {dotted!r}; valid: {sorted(names)}")
+    if rest:
+        return dataclasses.replace(cfg, **{head: override(getattr(cfg, head), rest, value)})
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+    hint = typing.get_type_hints(type(cfg))[head]
+    return dataclasses.replace(cfg, **{head: _coerce(hint, value, dotted)})
+
+
+def load_yaml(path: Path, base: TrainConfig) -> TrainConfig:
+    """Overlay a YAML file (any subset of fields) onto `base`."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    merged = _deep_merge(to_dict(base), data)
+    return from_dict(TrainConfig, merged, str(path))
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return out
+
+
+def save_yaml(cfg, path: Path) -> None:
+    from boxseg.data.files import write_bytes_atomic
+
+    write_bytes_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

@@ -1,0 +1,233 @@
+"""The alternating scheme of METHOD.md, with the baselines, in one resumable run directory.
+
+run_dir/
+  config.yaml                     the resolved config
+  stages/<stage>/final.pt         per-stage weights (last.pt while running), metrics.csv
+  proposals/<name>/ID.png         every round's proposals and each baseline's labels
+  results.json                    per round and per baseline figures, the ratio learned/full
+Every stage and every proposal folder that is complete is reused, so `--resume` (or simply
+running the same command again) continues where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from boxseg.config import TrainConfig, save_yaml
+from boxseg.data.classes import SOURCE_CLASSES
+from boxseg.data.coco import COCOSource
+from boxseg.data.files import write_bytes_atomic
+from boxseg.data.images import ImageSet
+from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+from boxseg.errors import BadInputLog
+from boxseg.inference import (evaluate_segnet1, gt_reader, label_reader, propose_learned, score_label_dir,
+                              write_baseline)
+from boxseg.train import dist
+from boxseg.train.loop import Stage
+from boxseg.train.segnet1 import train_segnet1
+from boxseg.train.segnet2 import train_segnet2
+
+
+@dataclass
+class Datasets:
+    source: ImageSet        # COCO, 60 classes + background
+    train: ImageSet         # VOC target train (boxes; masks where they exist)
+    val: ImageSet           # VOC target val (masks)
+    log: BadInputLog
+
+
+def open_datasets(voc_root: Path, coco_ann: Path, coco_images: Path, train_split: str, val_split: str,
+                  skip_bad: bool, cache: bool) -> Datasets:
+    log = BadInputLog()
+    source = COCOSource(coco_ann, coco_images, skip_bad=skip_bad, log=log)
+    train = VOCDataset(voc_root, train_split, skip_bad=skip_bad, log=log)
+    val = VOCDataset(voc_root, val_split, masks="require", skip_bad=skip_bad, log=log)
+    return Datasets(ImageSet(source, SOURCE_CLASSES.num_classes, cache), ImageSet(train, NUM_VOC_CLASSES, cache),
+                    ImageSet(val, NUM_VOC_CLASSES, cache), log)
+
+
+def semi_indices(cfg: TrainConfig, train: ImageSet) -> list[int]:
+    """Target train images that keep their ground-truth masks in the `semi` setting."""
+    if cfg.setting != "semi":
+        return []
+    ids = train.dataset.ids
+    if cfg.semi_list:
+        wanted = Path(cfg.semi_list).read_text().split()
+        missing = sorted(set(wanted) - set(ids))
+        if missing:
+            raise ValueError(f"{cfg.semi_list}: ids not in the train split: {missing[:5]}")
+        chosen = [ids.index(w) for w in wanted]
+    else:
+        k = int(round(cfg.semi_fraction * len(ids)))
+        chosen = sorted(np.random.default_rng([cfg.seed, 99]).permutation(len(ids))[:k].tolist())
+    without = [ids[i] for i in chosen if train[i].mask is None]
+    if without:
+        raise ValueError(f"semi: images without a ground-truth mask: {without[:5]}")
+    return chosen
+
+
+class Scheme:
+    """Runs the stages in order, skipping the ones already complete."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Datasets, device: torch.device,
+                 progress: bool = False, log: Callable[[str], None] = print):
+        self.cfg, self.run_dir, self.data, self.device, self.progress = cfg, run_dir, data, device, progress
+        self.log = log if dist.is_main() else (lambda s: None)
+        self.results_path = run_dir / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.results.update({"setting": cfg.setting, "preset": cfg.preset, "rounds": self.results.get("rounds", {}),
+                             "baselines": self.results.get("baselines", {})})
+
+    # -- helpers ---------------------------------------------------------------------------
+    def stage(self, name: str, iters: int, batch: int) -> Stage:
+        return Stage(name, self.run_dir / "stages" / name, iters, batch, self.cfg.checkpoint_every, self.cfg.workers)
+
+    def seed(self, name: str) -> int:
+        return (self.cfg.seed * 7919 + zlib.crc32(name.encode())) % (2**31)
+
+    def save(self) -> None:
+        if dist.is_main():
+            write_bytes_atomic(self.results_path, json.dumps(self.results, indent=2).encode())
+
+    def proposals_dir(self, name: str) -> Path:
+        return self.run_dir / "proposals" / name
+
+    def _done(self, d: Path) -> bool:
+        return (d / "done.json").exists()
+
+    def _mark_done(self, d: Path, info: dict) -> None:
+        write_bytes_atomic(d / "done.json", json.dumps(info).encode())
+
+    def segnet1(self, name: str, images: ImageSet, label_of, num_classes: int, indices=None):
+        c = self.cfg.segnet1
+        return train_segnet1(self.stage(name, c.iters, c.batch), images, label_of, num_classes, c,
+                             self.seed(name), self.device, self.cfg.amp, indices, self.progress)
+
+    def val_miou(self, model) -> dict:
+        scores = evaluate_segnet1(model, self.data.val, self.cfg.segnet1.test_size, self.device)
+        return {"val_miou": scores.miou, "val_iou": scores.iou}
+
+    def target_labels(self, prop_dir: Path, semi: list[int]):
+        """Proposals, with ground truth swapped in for the `semi` images."""
+        from_props, from_gt = label_reader(prop_dir, self.data.train), gt_reader(self.data.train)
+        keep = set(semi)
+        return lambda i: from_gt(i) if i in keep else from_props(i)
+
+    # -- the scheme ------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        train = self.data.train
+        if "full" in cfg.baselines or cfg.setting == "full":
+            self.baseline_full()
+        if cfg.setting == "full":
+            return self.finish()
+        for name in cfg.baselines:
+            if name != "full":
+                self.baseline(name)
+        semi = semi_indices(cfg, train)
+        self.results["semi_ids"] = [train.id(i) for i in semi]
+        c2 = cfg.segnet2
+        segnet2, source_segnet1, target_segnet1 = None, None, None
+        for r in range(1, cfg.rounds + 1):
+            key = f"round{r}"
+            self.log(f"== round {r}")
+            if r == 1:
+                segnet2 = train_segnet2(self.stage("segnet2_r1", c2.iters, c2.batch), self.data.source, c2,
+                                        self.seed("segnet2_r1"), self.device, amp=cfg.amp, progress=self.progress)
+                src_dir = self.proposals_dir("source_r1")
+                self.propose(segnet2, None, self.data.source, src_dir)
+                source_segnet1 = self.segnet1("segnet1_source", self.data.source,
+                                              label_reader(src_dir, self.data.source), SOURCE_CLASSES.num_classes)
+                self.results["source_proposal_miou_r1"] = score_label_dir(src_dir, self.data.source)[0].miou
+            else:
+                segnet2 = train_segnet2(self.stage(f"segnet2_r{r}", c2.iters_next, c2.batch), self.data.source, c2,
+                                        self.seed(f"segnet2_r{r}"), self.device, init=segnet2,
+                                        segnet1=source_segnet1, amp=cfg.amp, progress=self.progress)
+            tgt_dir = self.proposals_dir(f"target_r{r}")
+            self.propose(segnet2, target_segnet1 if r > 1 else None, train, tgt_dir)
+            prop, cover = score_label_dir(tgt_dir, train)
+            target_segnet1 = self.segnet1(f"segnet1_r{r}", train, self.target_labels(tgt_dir, semi), NUM_VOC_CLASSES)
+            self.results["rounds"][key] = {"proposal_miou": prop.miou, "proposal_coverage": cover,
+                                           **self.val_miou(target_segnet1)}
+            self.log(f"round {r}: proposal mIoU {100 * prop.miou:.2f}, "
+                     f"SegNet1 val mIoU {100 * self.results['rounds'][key]['val_miou']:.2f}")
+            self.save()
+        return self.finish()
+
+    def propose(self, segnet2, segnet1, images: ImageSet, out: Path) -> None:
+        if self._done(out):
+            return
+        if dist.is_main():
+            info = propose_learned(segnet2, segnet1, images, out, self.cfg.segnet2.input_size, self.cfg.proposals,
+                                   self.device, self.progress)
+            self._mark_done(out, info)
+        dist.barrier()
+
+    def baseline(self, name: str) -> None:
+        out = self.proposals_dir(name)
+        if not self._done(out):
+            if dist.is_main():
+                self._mark_done(out, write_baseline(name, self.data.train, out, self.cfg.box_centre_fraction, self.progress))
+            dist.barrier()
+        prop, cover = score_label_dir(out, self.data.train)
+        model = self.segnet1(f"segnet1_{name}", self.data.train, label_reader(out, self.data.train), NUM_VOC_CLASSES)
+        self.results["baselines"][name] = {"proposal_miou": prop.miou, "proposal_coverage": cover,
+                                          **self.val_miou(model)}
+        self.log(f"baseline {name}: proposal mIoU {100 * prop.miou:.2f}, "
+                 f"SegNet1 val mIoU {100 * self.results['baselines'][name]['val_miou']:.2f}")
+        self.save()
+
+    def baseline_full(self) -> None:
+        model = self.segnet1("segnet1_full", self.data.train, gt_reader(self.data.train), NUM_VOC_CLASSES)
+        self.results["baselines"]["full"] = {"proposal_miou": 1.0, "proposal_coverage": 1.0, **self.val_miou(model)}
+        self.log(f"fully supervised: SegNet1 val mIoU {100 * self.results['baselines']['full']['val_miou']:.2f}")
+        self.save()
+
+    def finish(self) -> dict:
+        res = self.results
+        full = res["baselines"].get("full", {}).get("val_miou")
+        rounds = res["rounds"]
+        if rounds:
+            last = rounds[max(rounds, key=lambda k: int(k.removeprefix("round")))]
+            res["final_val_miou"] = last["val_miou"]
+            if full:
+                res["ratio_learned_full"] = last["val_miou"] / full
+            if "box" in res["baselines"]:
+                res["gain_over_box_points"] = 100 * (last["val_miou"] - res["baselines"]["box"]["val_miou"])
+        res["bad_input"] = self.data.log.to_dict()
+        self.save()
+        return res
+
+
+def results_table(res: dict) -> str:
+    """The comparison table as markdown: proposal mIoU on target train, SegNet1 val mIoU."""
+    full = res["baselines"].get("full", {}).get("val_miou")
+    rows = ["| method | proposal mIoU (train) | proposal coverage | SegNet1 val mIoU | / full |",
+            "|---|---|---|---|---|"]
+
+    def row(name, d):
+        prop = "-" if name == "full (masks)" else f"{100 * d['proposal_miou']:.1f}"
+        cover = "-" if name == "full (masks)" else f"{100 * d['proposal_coverage']:.0f}%"
+        ratio = f"{d['val_miou'] / full:.3f}" if full else "-"
+        rows.append(f"| {name} | {prop} | {cover} | {100 * d['val_miou']:.1f} | {ratio} |")
+
+    names = {"box": "box-filled", "box-centre": "box-centre (ignore)", "grabcut": "GrabCut", "full": "full (masks)"}
+    for k in ("full", "box", "box-centre", "grabcut"):
+        if k in res["baselines"]:
+            row(names[k], res["baselines"][k])
+    for k in sorted(res["rounds"], key=lambda k: int(k.removeprefix("round"))):
+        row(f"learned, round {k.removeprefix('round')}", res["rounds"][k])
+    return "\n".join(rows)
+
+
+def prepare_run(cfg: TrainConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        save_yaml(cfg, run_dir / "config.yaml")
