@@ -16,11 +16,13 @@ import yaml
 class SegNet1Config:
     width: float = 1.0
     batch_norm: bool = False           # only for small widths trained from scratch
+    dropout: float = 0.5               # fc6 / fc7 dropout
     vgg_weights: str | None = None     # local torchvision VGG16 state dict (ImageNet init)
     crop: int = 321
     test_size: int = 513               # images are padded to this (scaled down if larger)
     batch: int = 30
     iters: int = 20000
+    optimizer: str = "sgd"             # sgd (paper, with lr multipliers) | adam (from-scratch presets)
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -90,8 +92,8 @@ PRESETS: dict[str, TrainConfig] = {
     # The CPU demo: narrow networks trained from scratch on the tiny synthetic world.
     "tiny": TrainConfig(
         preset="tiny", workers=0, checkpoint_every=50, amp="none",
-        segnet1=SegNet1Config(width=0.25, batch_norm=True, crop=97, test_size=145, batch=16, iters=150,
-                              lr=0.01),
+        segnet1=SegNet1Config(width=0.25, batch_norm=True, dropout=0.0, crop=97, test_size=145, batch=16,
+                              iters=300, optimizer="adam", lr=1e-3),
         segnet2=SegNet2Config(widths=(24, 32, 48, 64), blocks=1, bottom_blocks=2, stem_channels=16,
                               input_size=128, batch=16, iters=200, iters_next=100, lr=2e-3),
         proposals=ProposalConfig(batch=64),

@@ -82,10 +82,11 @@ def class_appearance(coco_id: int) -> Appearance:
     rng = np.random.default_rng(1000 + coco_id)
     if coco_id in VOC_COCO_IDS:
         k = VOC_COCO_IDS.index(coco_id)  # 0..19
-        hue = k / 20.0
-        sat, val = 0.85, (0.95 if k % 2 == 0 else 0.7)
+        group = k // 10  # 10 hues 36 degrees apart, in two styles: bright plain/stripes, dark checker/dots
+        hue = (k % 10) / 10.0 + 0.05 * group
+        sat, val = 0.9, (0.95 if group == 0 else 0.55)
         shape = SHAPES[(k * 5) % len(SHAPES)]
-        texture = TEXTURES[(k // 2) % len(TEXTURES)]
+        texture = TEXTURES[2 * group + k % 2]
     else:
         k = SOURCE_COCO_IDS.index(coco_id)
         hue = (k * 0.618034) % 1.0
@@ -93,7 +94,7 @@ def class_appearance(coco_id: int) -> Appearance:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
     color1 = _hsv(hue, sat, val)
-    color2 = _hsv(hue + 0.06, min(1.0, sat + 0.1), val * 0.55)
+    color2 = _hsv(hue + 0.02, min(1.0, sat + 0.1), val * 0.6)
     shape_param = {"star": rng.uniform(0.42, 0.55), "cross": rng.uniform(0.38, 0.5),
                    "blob": rng.uniform(0.12, 0.22)}.get(shape, 0.0)
     return Appearance(shape, color1, color2, texture, float(rng.uniform(7, 12)),

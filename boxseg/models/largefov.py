@@ -19,7 +19,8 @@ class LargeFOV(nn.Module):
         # fc6: 3x3 dilation 12 (the large field of view); fc7: 1x1; both ReLU + dropout.
         self.fc6 = nn.Conv2d(self.trunk.out_channels, fc, 3, padding=12, dilation=12)
         self.fc7 = nn.Conv2d(fc, fc, 1)
-        self.drop6, self.drop7 = nn.Dropout2d(dropout), nn.Dropout2d(dropout)
+        # element-wise dropout, as Caffe's Dropout layer in DeepLab-v1 (not whole channels)
+        self.drop6, self.drop7 = nn.Dropout(dropout), nn.Dropout(dropout)
         self.fc8 = nn.Conv2d(fc, num_classes, 1)
         self.num_classes = num_classes
         for m in self.modules():

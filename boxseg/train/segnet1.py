@@ -21,7 +21,7 @@ from boxseg.train.loop import Stage, run_stage
 
 
 def build_segnet1(num_classes: int, cfg: SegNet1Config) -> LargeFOV:
-    model = LargeFOV(num_classes, cfg.width, cfg.batch_norm)
+    model = LargeFOV(num_classes, cfg.width, cfg.batch_norm, cfg.dropout)
     if cfg.vgg_weights:
         model.load_vgg16(load_vgg16_state(Path(cfg.vgg_weights)))
     return model
@@ -85,8 +85,14 @@ def segnet1_step(amp: str):
     return step
 
 
-def segnet1_optimizer(model: LargeFOV, cfg: SegNet1Config) -> torch.optim.SGD:
-    """Paper: lr x1 for weights, x2 for biases (no decay), x10 / x20 for fc8's weight / bias."""
+def segnet1_optimizer(model: LargeFOV, cfg: SegNet1Config) -> torch.optim.Optimizer:
+    """Paper (sgd): lr x1 for weights, x2 for biases (no decay), x10 / x20 for fc8's weight / bias.
+    adam: one lr, for small networks trained from scratch, where plain SGD is far slower
+    to get going (the paper's SGD starts from ImageNet weights)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.optimizer != "sgd":
+        raise ValueError(f"segnet1.optimizer must be sgd or adam, not {cfg.optimizer!r}")
     cls_w, cls_b = model.classifier_parameters()
     special = {id(p) for p in cls_w + cls_b}
     weights = [p for n, p in model.named_parameters() if id(p) not in special and p.ndim > 1]
