@@ -1,0 +1,59 @@
+"""boxseg-train end to end on a small world with a few iterations per stage."""
+
+import json
+
+import yaml
+from click.testing import CliRunner
+
+from boxseg.cli.train import main as train_cli
+
+FAST = ["--set", "segnet1.iters=3", "--set", "segnet2.iters=3", "--set", "segnet2.iters_next=2",
+        "--set", "checkpoint_every=2", "--set", "segnet1.batch=4", "--set", "segnet2.batch=4"]
+
+
+def _args(world, out, *extra):
+    return ["--preset", "tiny", "--voc-root", str(world.voc_root), "--coco-ann", str(world.coco_ann),
+            "--coco-images", str(world.coco_images), "--out", str(out), *FAST, *extra]
+
+
+def test_run_directory_holds_every_stage_and_results(world, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_cli, _args(world, out, "--rounds", "2"))
+    assert r.exit_code == 0, r.output
+    assert "| learned, round 2 |" in r.output and "| box-filled |" in r.output
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["rounds"]) == {"round1", "round2"}
+    assert set(res["baselines"]) == {"box", "box-centre", "grabcut", "full"}
+    assert 0 < res["baselines"]["box"]["proposal_miou"] <= 1
+    assert "ratio_learned_full" in res
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["rounds"] == 2 and cfg["segnet1"]["iters"] == 3
+    for stage in ("segnet2_r1", "segnet1_source", "segnet1_r1", "segnet2_r2", "segnet1_r2", "segnet1_full"):
+        assert (out / "stages" / stage / "final.pt").exists(), stage
+        assert (out / "stages" / stage / "metrics.csv").exists(), stage
+    n_train = len((world.voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split())
+    for props in ("target_r1", "target_r2", "box", "grabcut"):
+        assert len(list((out / "proposals" / props).glob("*.png"))) == n_train
+    # a rerun reuses every finished stage and proposal folder
+    before = (out / "stages" / "segnet1_r2" / "final.pt").stat().st_mtime
+    r = CliRunner().invoke(train_cli, _args(world, out, "--rounds", "2"))
+    assert r.exit_code == 0, r.output
+    assert (out / "stages" / "segnet1_r2" / "final.pt").stat().st_mtime == before
+
+
+def test_semi_uses_masks_of_exactly_the_listed_images(world, tmp_path):
+    ids = (world.voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    lst = tmp_path / "semi.txt"
+    lst.write_text("\n".join(ids[:3]))
+    out = tmp_path / "semi"
+    r = CliRunner().invoke(train_cli, _args(world, out, "--rounds", "1", "--setting", "semi",
+                                            "--semi-list", str(lst), "--set", "baselines=[]"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "results.json").read_text())["semi_ids"] == ids[:3]
+
+
+def test_bad_flags_are_clear(world, tmp_path):
+    r = CliRunner().invoke(train_cli, _args(world, tmp_path / "x", "--set", "segnet1.nosuch=1"))
+    assert r.exit_code != 0 and "unknown field" in r.output
+    r = CliRunner().invoke(train_cli, ["--voc-root", str(world.voc_root)])
+    assert r.exit_code != 0 and "--coco-ann" in r.output
