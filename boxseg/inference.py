@@ -8,11 +8,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from boxseg.config import ProposalConfig
 from boxseg.data.boxes import union_box_mask
-from boxseg.data.classes import IGNORE
 from boxseg.data.files import read_label, write_label_png
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN, letterbox, letterbox_params, normalize, unletterbox
@@ -158,6 +156,3 @@ def gt_reader(images: ImageSet):
         return mask
     return label_of
 
-
-__all__ = ["segnet1_probs", "evaluate_segnet1", "score_label_dir", "propose_learned", "write_baseline",
-           "label_reader", "gt_reader", "IGNORE", "F"]

@@ -38,7 +38,7 @@ class COCOSample:
     image: np.ndarray             # uint8 (H, W, 3)
     boxes: np.ndarray             # float32 (N, 4), non-crowd instances
     labels: np.ndarray            # int64 (N,), 1..60
-    mask: np.ndarray              # uint8 (H, W): 0 background, 1..60 classes, 255 crowd/overlap-free ignore
+    mask: np.ndarray              # uint8 (H, W): 0 background, 1..60 classes, 255 crowd regions
     instances: list[Instance]
 
 

@@ -280,9 +280,7 @@ def _make_source(args: tuple[int, int, SynthSize]) -> dict:
     for k, o in enumerate(objs):
         x0, y0, x1, y1 = tight_box(o.mask)
         if k == crowd_index:  # crowd regions come as uncompressed RLE, as in real COCO
-            rle = mask_utils.encode(np.asfortranarray(o.mask.astype(np.uint8)))
             seg = {"size": [h, w], "counts": _uncompressed_counts(o.mask)}
-            del rle
         elif not o.truncated and np.array_equal(o.mask, o.full_mask):
             seg = [np.round(o.polygon.reshape(-1), 2).tolist()]
         else:

@@ -31,7 +31,7 @@ class VGG16Trunk(nn.Module):
     def __init__(self, width: float = 1.0, batch_norm: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
-        in_ch, pools, n_conv = 3, 0, 0
+        in_ch, pools = 3, 0
         for v in VGG16_CFG:
             if v == "P":
                 stride = 2 if pools < 3 else 1
@@ -43,7 +43,7 @@ class VGG16Trunk(nn.Module):
             conv = nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation)
             layers += [conv, nn.BatchNorm2d(out_ch)] if batch_norm else [conv]
             layers.append(nn.ReLU(inplace=True))
-            in_ch, n_conv = out_ch, n_conv + 1
+            in_ch = out_ch
         layers.append(nn.AvgPool2d(3, stride=1, padding=1))
         self.features = nn.Sequential(*layers)
         self.out_channels = in_ch
