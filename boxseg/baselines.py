@@ -29,8 +29,9 @@ def box_centre(boxes: np.ndarray, labels: np.ndarray, h: int, w: int, fraction: 
 
 
 def grabcut(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, iterations: int = 5) -> np.ndarray:
-    """OpenCV GrabCut initialised with each box (largest first, smaller on top); a box too
-    small for GrabCut (< 4 px a side) is filled."""
+    """OpenCV GrabCut initialised with each box (largest first, smaller on top). A box too
+    small for GrabCut (< 4 px a side), or covering the whole image (no background left to
+    model), is filled."""
     h, w = image.shape[:2]
     out = np.zeros((h, w), np.uint8)
     bgr = np.ascontiguousarray(image[..., ::-1])

@@ -13,12 +13,10 @@ from boxseg.config import ProposalConfig
 from boxseg.data.boxes import union_box_mask
 from boxseg.data.files import read_label, write_label_png
 from boxseg.data.images import ImageSet
-from boxseg.data.transforms import MEAN, letterbox, letterbox_params, normalize, unletterbox
+from boxseg.data.transforms import MEAN_U8, letterbox, letterbox_params, normalize, unletterbox
 from boxseg.metrics import ConfusionMatrix, SegScores
 from boxseg.proposals import merge_foreground
 from boxseg.train.segnet2 import segnet2_inputs
-
-PAD = np.array([round(255 * m) for m in MEAN], np.uint8)
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -30,11 +28,7 @@ def _chunks(n: int, size: int) -> Iterator[range]:
 def segnet1_probs(model: torch.nn.Module, images: list[np.ndarray], test_size: int, device: torch.device) -> list[torch.Tensor]:
     """Softmax (C, h, w) per image. Images are padded to test_size (scaled down only if larger)."""
     lbs = [letterbox_params(*im.shape[:2], test_size, upscale=False) for im in images]
-    canvas = np.stack([letterbox(im, lb, 0) for im, lb in zip(images, lbs)])
-    for k, (im, lb) in enumerate(zip(images, lbs)):  # pad with the mean colour (0 after normalising)
-        ih, iw = lb.inner
-        canvas[k, ih:, :] = PAD
-        canvas[k, :, iw:] = PAD
+    canvas = np.stack([letterbox(im, lb, MEAN_U8) for im, lb in zip(images, lbs)])
     x = normalize(torch.from_numpy(canvas).to(device))
     logits = model(x).float()
     return [unletterbox(logits[k], lb).softmax(0).cpu() for k, lb in enumerate(lbs)]
@@ -107,9 +101,7 @@ def propose_learned(segnet2: torch.nn.Module, segnet1: torch.nn.Module | None, i
             written += 1
             continue
         lb = letterbox_params(*item.image.shape[:2], size)
-        canvas = letterbox(item.image, lb, 0)
-        ih, iw = lb.inner
-        canvas[ih:, :], canvas[:, iw:] = PAD, PAD
+        canvas = letterbox(item.image, lb, MEAN_U8)
         boxmask = {m: union_box_mask(item.boxes[item.labels == m] * lb.scale, size, size).astype(np.uint8)
                    for m in classes}
         pending[i] = {"item": item, "lb": lb, "canvas": canvas, "boxmask": boxmask, "classes": classes, "probs": {}}

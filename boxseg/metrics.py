@@ -45,8 +45,7 @@ class ConfusionMatrix:
         ignored. A prediction outside 0..num_classes-1 at a counted pixel is an error, unless
         `pred_ignore` is set: then pixels a proposal marks 255 are left out too (and counted
         in `self.pred_ignored`, so coverage can be reported)."""
-        pred = torch.as_tensor(np.asarray(pred) if isinstance(pred, np.ndarray) else pred)
-        target = torch.as_tensor(np.asarray(target) if isinstance(target, np.ndarray) else target)
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
         pred, target = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()

@@ -82,7 +82,6 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     dist.init_from_env(dev)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if cfg.data.voc_root is None:
         cache = synth_cache_dir(cfg.data.synth_size, cfg.data.synth_seed)
         if not (cache / "synth.json").exists() and dist.is_main():

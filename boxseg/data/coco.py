@@ -224,8 +224,9 @@ class ClassSample:
     label: int            # m
 
 
-def class_sample(sample: COCOSample, label: int) -> ClassSample:
-    """Build the per-(image, class) sample of METHOD.md from a decoded source image."""
+def class_sample(sample, label: int) -> ClassSample:
+    """Build the per-(image, class) sample of METHOD.md from a decoded source image (a
+    COCOSample or any item with image, boxes, labels and a ground-truth mask)."""
     h, w = sample.mask.shape
     boxes = sample.boxes[sample.labels == label]
     target = (sample.mask == label).astype(np.uint8)

@@ -17,6 +17,7 @@ from boxseg.data.classes import IGNORE
 
 MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet normalisation (VGG16 weights expect it)
 STD = (0.229, 0.224, 0.225)
+MEAN_U8 = np.array([round(255 * m) for m in MEAN], np.uint8)  # pads that normalise to 0
 
 
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,9 @@ def letterbox_params(h: int, w: int, size: int, upscale: bool = True) -> Letterb
     return Letterbox(h, w, size, scale if upscale else min(1.0, scale))
 
 
-def letterbox(arr: np.ndarray, lb: Letterbox, pad: float, nearest: bool = False) -> np.ndarray:
-    """Scale `arr` (H, W[, C]) by lb.scale and pad to lb.size x lb.size at the bottom/right."""
+def letterbox(arr: np.ndarray, lb: Letterbox, pad: float | np.ndarray, nearest: bool = False) -> np.ndarray:
+    """Scale `arr` (H, W[, C]) by lb.scale and pad to lb.size x lb.size at the bottom/right
+    with `pad` (a scalar, or one value per channel such as MEAN_U8)."""
     ih, iw = lb.inner
     inner = arr if (ih, iw) == arr.shape[:2] else resize(arr, ih, iw, nearest)
     out = np.full((lb.size, lb.size) + arr.shape[2:], pad, dtype=arr.dtype)
@@ -86,8 +88,8 @@ def random_scale_crop(rng: np.random.Generator, image: np.ndarray, label: np.nda
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
     image, label = resize(image, nh, nw, False), resize(label, nh, nw, True)
     ph, pw = max(crop, nh), max(crop, nw)
-    img_p = np.zeros((ph, pw, 3), np.uint8)
-    img_p[:] = np.array([round(255 * m) for m in MEAN], np.uint8)
+    img_p = np.empty((ph, pw, 3), np.uint8)
+    img_p[:] = MEAN_U8
     lab_p = np.full((ph, pw), IGNORE, np.uint8)
     img_p[:nh, :nw], lab_p[:nh, :nw] = image, label
     y0, x0 = int(rng.integers(0, ph - crop + 1)), int(rng.integers(0, pw - crop + 1))
@@ -120,10 +122,7 @@ def crop_around_boxes(rng: np.random.Generator, image: np.ndarray, box_mask: np.
             out[sy0 - oy:sy1 - oy, sx0 - ox:sx1 - ox] = arr[sy0:sy1, sx0:sx1]
         return out
 
-    mean_px = np.array([round(255 * m) for m in MEAN], np.uint8)
-    img_c = cut(image, 0)
-    valid = cut(np.ones((nh, nw), np.uint8), 0).astype(bool)
-    img_c[~valid] = mean_px
+    img_c = cut(image, MEAN_U8)
     out = [img_c, cut(box_mask, 0), cut(target, IGNORE), cut(score, 0) if score is not None else None]
     if rng.uniform() < 0.5:
         out = [a[:, ::-1] if a is not None else None for a in out]

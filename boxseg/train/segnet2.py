@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from boxseg.config import SegNet2Config
-from boxseg.data.classes import IGNORE
+from boxseg.data.coco import class_sample
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import crop_around_boxes, normalize
 from boxseg.models.hourglass import Hourglass
@@ -37,17 +37,10 @@ class SegNet2Samples(Dataset):
 
     def __getitem__(self, key: int) -> dict:
         i, m = self.pairs[self.epochs(key)]
-        item = self.images[i]
-        boxes = item.boxes[item.labels == m]
-        h, w = item.mask.shape
-        from boxseg.data.boxes import union_box_mask
-
-        box_mask = union_box_mask(boxes, h, w).astype(np.uint8)
-        target = (item.mask == m).astype(np.uint8)
-        target[item.mask == IGNORE] = IGNORE
+        s = class_sample(self.images[i], m)
         rng = np.random.default_rng([self.seed, 2, key])
-        img, box, tgt, _ = crop_around_boxes(rng, item.image, box_mask, target, None, boxes, self.cfg.input_size,
-                                             self.cfg.scale_min, self.cfg.scale_max)
+        img, box, tgt, _ = crop_around_boxes(rng, s.image, s.box_mask.astype(np.uint8), s.target, None, s.boxes,
+                                             self.cfg.input_size, self.cfg.scale_min, self.cfg.scale_max)
         return {"image": torch.from_numpy(img), "box": torch.from_numpy(box), "target": torch.from_numpy(tgt),
                 "cls": torch.tensor(m)}
 
