@@ -166,7 +166,12 @@ def override(cfg, dotted: str, value):
 
 def load_yaml(path: Path, base: TrainConfig) -> TrainConfig:
     """Overlay a YAML file (any subset of fields) onto `base`."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields at the top level")
     merged = _deep_merge(to_dict(base), data)
     return from_dict(TrainConfig, merged, str(path))
 

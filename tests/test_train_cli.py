@@ -57,3 +57,15 @@ def test_bad_flags_are_clear(world, tmp_path):
     assert r.exit_code != 0 and "unknown field" in r.output
     r = CliRunner().invoke(train_cli, ["--voc-root", str(world.voc_root)])
     assert r.exit_code != 0 and "--coco-ann" in r.output
+
+
+def test_bad_semi_list_and_config_name_the_file(world, tmp_path):
+    lst = tmp_path / "semi.txt"
+    lst.write_text("no_such_image\n")
+    r = CliRunner().invoke(train_cli, _args(world, tmp_path / "s", "--setting", "semi", "--semi-list", str(lst),
+                                            "--set", "baselines=[]"))
+    assert r.exit_code == 3 and f"{lst}: ids not in the train split: ['no_such_image']" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("segnet1: [unclosed\n")
+    r = CliRunner().invoke(train_cli, _args(world, tmp_path / "c", "--config", str(bad)))
+    assert r.exit_code == 2 and f"{bad}: malformed YAML" in r.output

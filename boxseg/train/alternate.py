@@ -26,7 +26,7 @@ from boxseg.data.coco import COCOSource
 from boxseg.data.files import write_bytes_atomic
 from boxseg.data.images import ImageSet
 from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
-from boxseg.errors import BadInputLog
+from boxseg.errors import BadInputLog, DataError
 from boxseg.inference import (evaluate_segnet1, gt_reader, label_reader, propose_learned, score_label_dir,
                               write_baseline)
 from boxseg.train import dist
@@ -62,14 +62,14 @@ def semi_indices(cfg: TrainConfig, train: ImageSet) -> list[int]:
         wanted = Path(cfg.semi_list).read_text().split()
         missing = sorted(set(wanted) - set(ids))
         if missing:
-            raise ValueError(f"{cfg.semi_list}: ids not in the train split: {missing[:5]}")
+            raise DataError(cfg.semi_list, f"ids not in the train split: {missing[:5]}")
         chosen = [ids.index(w) for w in wanted]
     else:
         k = int(round(cfg.semi_fraction * len(ids)))
         chosen = sorted(np.random.default_rng([cfg.seed, 99]).permutation(len(ids))[:k].tolist())
     without = [ids[i] for i in chosen if train[i].mask is None]
     if without:
-        raise ValueError(f"semi: images without a ground-truth mask: {without[:5]}")
+        raise DataError(cfg.semi_list or "semi_fraction", f"semi: images without a ground-truth mask: {without[:5]}")
     return chosen
 
 
