@@ -17,6 +17,8 @@ class SegNet1Config:
     width: float = 1.0
     batch_norm: bool = False           # only for small widths trained from scratch
     dropout: float = 0.5               # fc6 / fc7 dropout
+    convs_per_block: tuple[int, ...] = (2, 2, 3, 3, 3)  # VGG16; fewer for from-scratch CPU presets
+    fc6_dilation: int = 12             # LargeFOV; scale it with the logit map size
     vgg_weights: str | None = None     # local torchvision VGG16 state dict (ImageNet init)
     crop: int = 321
     test_size: int = 513               # images are padded to this (scaled down if larger)
@@ -92,8 +94,12 @@ PRESETS: dict[str, TrainConfig] = {
     # The CPU demo: narrow networks trained from scratch on the tiny synthetic world.
     "tiny": TrainConfig(
         preset="tiny", workers=0, checkpoint_every=50, amp="none",
-        segnet1=SegNet1Config(width=0.25, batch_norm=True, dropout=0.0, crop=97, test_size=145, batch=16,
-                              iters=300, optimizer="adam", lr=1e-3),
+        # SegNet1: one conv per VGG block and fc6 dilation 2 on its 13x13 maps. The full
+        # 13-conv trunk at this width reached 8% val mIoU in 300 steps and 56% in 900;
+        # this one reaches 74% in 600 (44 s on 2 cores).
+        segnet1=SegNet1Config(width=0.25, batch_norm=True, dropout=0.0, convs_per_block=(1, 1, 1, 1, 1),
+                              fc6_dilation=2, crop=97, test_size=145, batch=16,
+                              iters=600, optimizer="adam", lr=1e-3),
         segnet2=SegNet2Config(widths=(24, 32, 48, 64), blocks=1, bottom_blocks=2, stem_channels=16,
                               input_size=128, batch=16, iters=200, iters_next=100, lr=2e-3),
         proposals=ProposalConfig(batch=64),
@@ -123,6 +129,10 @@ def _coerce(tp, value, where: str):
         return None if value is None else _coerce(args[0], value, where)
     if origin is tuple:
         (elem, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):  # --set segnet1.convs_per_block=1,1,1,1,1
+            value = [yaml.safe_load(v) for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(elem, v, where) for v in value)
     if tp is bool:
         if isinstance(value, str):

@@ -65,6 +65,19 @@ def test_vgg16_loading_rejects_other_files(tmp_path):
         load_vgg16_state(tmp_path / "x.pth")
     with pytest.raises(ValueError, match="width=1.0"):
         LargeFOV(21, width=0.5).load_vgg16(_torchvision_vgg16_state())
+    with pytest.raises(ValueError, match="13 convs"):
+        LargeFOV(21, convs_per_block=(1, 1, 1, 1, 1)).load_vgg16(_torchvision_vgg16_state())
+
+
+def test_largefov_shallow_preset_layout():
+    """The tiny preset's trunk: one conv per block, same output stride 8, fc6 dilation as given."""
+    m = LargeFOV(21, width=0.25, batch_norm=True, dropout=0.0, convs_per_block=(1, 1, 1, 1, 1), fc6_dilation=2)
+    assert len(m.trunk.convs()) == 5 and m.fc6.dilation == (2, 2)
+    assert [c.out_channels for c in m.trunk.convs()] == [16, 32, 64, 128, 128]
+    with torch.no_grad():
+        assert m.eval()(torch.zeros(1, 3, 97, 97)).shape == (1, 21, 13, 13)
+    with pytest.raises(ValueError, match="convs_per_block"):
+        LargeFOV(21, convs_per_block=(2, 2, 3, 3))
 
 
 @pytest.mark.parametrize("channels", [4, 5])

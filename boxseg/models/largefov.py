@@ -8,16 +8,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from boxseg.models.vgg import TORCHVISION_CONV_INDICES, VGG16Trunk, _ch
+from boxseg.models.vgg import TORCHVISION_CONV_INDICES, VGG16_CONVS_PER_BLOCK, VGG16Trunk, _ch
 
 
 class LargeFOV(nn.Module):
-    def __init__(self, num_classes: int = 21, width: float = 1.0, batch_norm: bool = False, dropout: float = 0.5):
+    def __init__(self, num_classes: int = 21, width: float = 1.0, batch_norm: bool = False, dropout: float = 0.5,
+                 convs_per_block: tuple[int, ...] = VGG16_CONVS_PER_BLOCK, fc6_dilation: int = 12):
         super().__init__()
-        self.trunk = VGG16Trunk(width, batch_norm)
+        self.trunk = VGG16Trunk(width, batch_norm, tuple(convs_per_block))
         fc = _ch(1024, width)
-        # fc6: 3x3 dilation 12 (the large field of view); fc7: 1x1; both ReLU + dropout.
-        self.fc6 = nn.Conv2d(self.trunk.out_channels, fc, 3, padding=12, dilation=12)
+        # fc6: 3x3 dilation 12 (the large field of view on 41x41 maps; small presets with
+        # 13x13 maps scale it down, else most taps read padding); fc7: 1x1; both ReLU + dropout.
+        self.fc6 = nn.Conv2d(self.trunk.out_channels, fc, 3, padding=fc6_dilation, dilation=fc6_dilation)
         self.fc7 = nn.Conv2d(fc, fc, 1)
         # element-wise dropout, as Caffe's Dropout layer in DeepLab-v1 (not whole channels)
         self.drop6, self.drop7 = nn.Dropout(dropout), nn.Dropout(dropout)
@@ -49,8 +51,8 @@ class LargeFOV(nn.Module):
         classifier.3 (4096x4096) subsampled to 1024x1024 -> fc7. Only width 1.0 without
         batch norm has the shapes for this.
         """
-        if self.trunk.batch_norm or self.fc6.out_channels != 1024:
-            raise ValueError("VGG16 ImageNet weights fit only width=1.0 without batch_norm")
+        if self.trunk.batch_norm or self.fc6.out_channels != 1024 or len(self.trunk.convs()) != 13:
+            raise ValueError("VGG16 ImageNet weights fit only width=1.0, all 13 convs, without batch_norm")
         with torch.no_grad():
             for conv, idx in zip(self.trunk.convs(), TORCHVISION_CONV_INDICES):
                 conv.weight.copy_(state[f"features.{idx}.weight"])

@@ -14,6 +14,26 @@ from torch import nn
 # (out channels, dilation) per conv; "P" a pool. Blocks 1-3 pool with stride 2, 4-5 with stride 1.
 VGG16_CFG: tuple = (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
 TORCHVISION_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
+
+
+def vgg_layout(convs_per_block: tuple[int, ...]) -> tuple:
+    """VGG16_CFG with the first n convs of each block kept (the full VGG16 at (2, 2, 3, 3, 3)).
+
+    Fewer convs per block is for the CPU demo preset, trained from scratch: the 13-conv
+    trunk at width 0.25 needs about three times the steps of a 5-conv one to get going
+    (measured on the synthetic world), and no ImageNet weights exist for either.
+    """
+    out: list = []
+    block, kept = 0, 0
+    for v in VGG16_CFG:
+        if v == "P":
+            out.append(v)
+            block, kept = block + 1, 0
+        elif kept < convs_per_block[block]:
+            out.append(v)
+            kept += 1
+    return tuple(out)
 
 
 def _ch(c: int, width: float) -> int:
@@ -28,11 +48,14 @@ class VGG16Trunk(nn.Module):
     (no ImageNet weights exist for them); the paper model has none.
     """
 
-    def __init__(self, width: float = 1.0, batch_norm: bool = False):
+    def __init__(self, width: float = 1.0, batch_norm: bool = False,
+                 convs_per_block: tuple[int, ...] = VGG16_CONVS_PER_BLOCK):
         super().__init__()
+        if len(convs_per_block) != 5 or any(not 1 <= n <= 3 for n in convs_per_block):
+            raise ValueError(f"convs_per_block must be 5 counts in 1..3, not {convs_per_block!r}")
         layers: list[nn.Module] = []
         in_ch, pools = 3, 0
-        for v in VGG16_CFG:
+        for v in vgg_layout(convs_per_block):
             if v == "P":
                 stride = 2 if pools < 3 else 1
                 layers.append(nn.MaxPool2d(3, stride=stride, padding=1))

@@ -21,7 +21,7 @@ from boxseg.train.loop import Stage, run_stage
 
 
 def build_segnet1(num_classes: int, cfg: SegNet1Config) -> LargeFOV:
-    model = LargeFOV(num_classes, cfg.width, cfg.batch_norm, cfg.dropout)
+    model = LargeFOV(num_classes, cfg.width, cfg.batch_norm, cfg.dropout, cfg.convs_per_block, cfg.fc6_dilation)
     if cfg.vgg_weights:
         model.load_vgg16(load_vgg16_state(Path(cfg.vgg_weights)))
     return model
