@@ -1,5 +1,5 @@
-"""Batched inference with torch modules: SegNet1 label maps / scores, and SegNet2 proposals
-over (image, class) pairs from many images."""
+"""Inference with torch modules: SegNet1 label maps and scores, baseline label folders, and
+scoring a label folder against ground truth (SegNet2 proposals: boxseg.propose)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from boxseg.config import ProposalConfig
-from boxseg.data.boxes import union_box_mask
 from boxseg.data.files import read_label, write_label_png
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8, letterbox, letterbox_params, normalize, unletterbox
 from boxseg.metrics import ConfusionMatrix, SegScores
-from boxseg.proposals import merge_foreground
-from boxseg.train.segnet2 import segnet2_inputs
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -46,83 +42,32 @@ def evaluate_segnet1(model: torch.nn.Module, images: ImageSet, test_size: int, d
     return conf.scores()
 
 
-def score_label_dir(label_dir: Path, images: ImageSet) -> tuple[SegScores, float]:
+def score_label_dir(label_dir: Path, images: ImageSet, missing_ok: bool = False) -> tuple[SegScores, float]:
     """mIoU of a folder of label PNGs (proposals) against the ground truth of `images`, over
     the pixels the proposals label, and their coverage (the fraction not marked 255)."""
     conf = ConfusionMatrix(images.num_classes)
     for i in range(len(images)):
         item = images[i]
-        if item.mask is None:
+        path = label_dir / f"{item.id}.png"
+        if item.mask is None or (missing_ok and not path.exists()):
             continue
-        label = read_label(label_dir / f"{item.id}.png", images.num_classes, item.mask.shape)
+        label = read_label(path, images.num_classes, item.mask.shape)
         conf.update(label, item.mask, pred_ignore=True)
     return conf.scores(), conf.coverage()
 
 
-@torch.no_grad()
-def propose_learned(segnet2: torch.nn.Module, segnet1: torch.nn.Module | None, images: ImageSet, out_dir: Path,
-                    size: int, cfg: ProposalConfig, device: torch.device, progress: bool = False) -> dict:
-    """Write `out_dir/ID.png` for every image that lacks one: SegNet2's foreground map for
-    each (image, class with boxes), batched across images, merged by `merge_foreground`."""
-    from tqdm import tqdm
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    segnet2.eval()
-    if segnet1 is not None:
-        segnet1.eval()
-    todo = [i for i in range(len(images)) if not (out_dir / f"{images.id(i)}.png").exists()]
-    pending: dict[int, dict] = {}
-    queue: list[tuple[int, int]] = []
-    written = 0
-
-    def flush(pairs: list[tuple[int, int]]) -> None:
-        nonlocal written
-        imgs = torch.from_numpy(np.stack([pending[i]["canvas"] for i, _ in pairs])).to(device)
-        boxes = torch.from_numpy(np.stack([pending[i]["boxmask"][m] for i, m in pairs])).to(device)
-        cls = torch.tensor([m for _, m in pairs], device=device)
-        logits = segnet2(segnet2_inputs(imgs, boxes, cls, segnet1)).float()
-        fg = logits.softmax(1)[:, 1:2]
-        for k, (i, m) in enumerate(pairs):
-            st = pending[i]
-            st["probs"][m] = unletterbox(fg[k], st["lb"])[0].cpu().numpy()
-            if len(st["probs"]) == len(st["classes"]):
-                item = st["item"]
-                label = merge_foreground(np.stack([st["probs"][c] for c in st["classes"]]), st["classes"],
-                                         item.boxes, item.labels, cfg.threshold, cfg.margin, cfg.class_margin, cfg.merge)
-                write_label_png(out_dir / f"{item.id}.png", label)
-                written += 1
-                del pending[i]
-
-    for i in tqdm(todo, desc="proposals", disable=not progress, leave=False):
-        item = images[i]
-        classes = sorted(set(item.labels.tolist()))
-        if not classes:
-            write_label_png(out_dir / f"{item.id}.png", np.zeros(item.image.shape[:2], np.uint8))
-            written += 1
-            continue
-        lb = letterbox_params(*item.image.shape[:2], size)
-        canvas = letterbox(item.image, lb, MEAN_U8)
-        boxmask = {m: union_box_mask(item.boxes[item.labels == m] * lb.scale, size, size).astype(np.uint8)
-                   for m in classes}
-        pending[i] = {"item": item, "lb": lb, "canvas": canvas, "boxmask": boxmask, "classes": classes, "probs": {}}
-        queue += [(i, m) for m in classes]
-        while len(queue) >= cfg.batch:
-            flush(queue[: cfg.batch])
-            queue = queue[cfg.batch:]
-    if queue:
-        flush(queue)
-    return {"written": written, "skipped_existing": len(images) - len(todo)}
-
-
-def write_baseline(name: str, images: ImageSet, out_dir: Path, centre_fraction: float, progress: bool = False) -> dict:
-    """Write a baseline's label PNGs (box, box-centre, grabcut) for images that lack one."""
+def write_baseline(name: str, images: ImageSet, out_dir: Path, centre_fraction: float, progress: bool = False,
+                   indices: list[int] | None = None) -> dict:
+    """Write a baseline's label PNGs (box, box-centre, grabcut) for images (of `indices`,
+    default all) that lack one."""
     from tqdm import tqdm
 
     from boxseg.baselines import baseline_labels
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
-    for i in tqdm(range(len(images)), desc=name, disable=not progress, leave=False):
+    for i in tqdm(range(len(images)) if indices is None else indices, desc=name, unit="img", disable=not progress,
+                  leave=False):
         path = out_dir / f"{images.id(i)}.png"
         if path.exists():
             continue

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from boxseg.config import TrainConfig, save_yaml
-from boxseg.data.classes import SOURCE_CLASSES
+from boxseg.data.classes import SOURCE_CLASSES, VOC_TARGET_CLASSES, ClassMap
 from boxseg.data.coco import COCOSource
 from boxseg.data.files import write_bytes_atomic
 from boxseg.data.images import ImageSet
 from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.errors import BadInputLog, DataError
-from boxseg.inference import (evaluate_segnet1, gt_reader, label_reader, propose_learned, score_label_dir,
-                              write_baseline)
+from boxseg.inference import evaluate_segnet1, gt_reader, label_reader, score_label_dir, write_baseline
+from boxseg.propose import propose
 from boxseg.train import dist
 from boxseg.train.loop import Stage
 from boxseg.train.segnet1 import train_segnet1
@@ -105,9 +105,9 @@ class Scheme:
     def _mark_done(self, d: Path, info: dict) -> None:
         write_bytes_atomic(d / "done.json", json.dumps(info).encode())
 
-    def segnet1(self, name: str, images: ImageSet, label_of, num_classes: int, indices=None):
+    def segnet1(self, name: str, images: ImageSet, label_of, classes: ClassMap, indices=None):
         c = self.cfg.segnet1
-        return train_segnet1(self.stage(name, c.iters, c.batch), images, label_of, num_classes, c,
+        return train_segnet1(self.stage(name, c.iters, c.batch), images, label_of, classes, c,
                              self.seed(name), self.device, self.cfg.amp, indices, self.progress)
 
     def val_miou(self, model) -> dict:
@@ -144,7 +144,7 @@ class Scheme:
                 src_dir = self.proposals_dir("source_r1")
                 self.propose(segnet2, None, self.data.source, src_dir)
                 source_segnet1 = self.segnet1("segnet1_source", self.data.source,
-                                              label_reader(src_dir, self.data.source), SOURCE_CLASSES.num_classes)
+                                              label_reader(src_dir, self.data.source), SOURCE_CLASSES)
                 self.results["source_proposal_miou_r1"] = score_label_dir(src_dir, self.data.source)[0].miou
             else:
                 segnet2 = train_segnet2(self.stage(f"segnet2_r{r}", c2.iters_next, c2.batch), self.data.source, c2,
@@ -153,7 +153,7 @@ class Scheme:
             tgt_dir = self.proposals_dir(f"target_r{r}")
             self.propose(segnet2, target_segnet1 if r > 1 else None, train, tgt_dir)
             prop, cover = score_label_dir(tgt_dir, train)
-            target_segnet1 = self.segnet1(f"segnet1_r{r}", train, self.target_labels(tgt_dir, semi), NUM_VOC_CLASSES)
+            target_segnet1 = self.segnet1(f"segnet1_r{r}", train, self.target_labels(tgt_dir, semi), VOC_TARGET_CLASSES)
             self.results["rounds"][key] = {"proposal_miou": prop.miou, "proposal_coverage": cover,
                                            **self.val_miou(target_segnet1)}
             self.log(f"round {r}: proposal mIoU {100 * prop.miou:.2f}, "
@@ -165,9 +165,9 @@ class Scheme:
         if self._done(out):
             return
         if dist.is_main():
-            info = propose_learned(segnet2, segnet1, images, out, self.cfg.segnet2.input_size, self.cfg.proposals,
-                                   self.device, self.progress)
-            self._mark_done(out, info)
+            run = propose(segnet2, segnet1, images, out, self.cfg.segnet2.input_size, self.cfg.proposals,
+                          self.device, progress=self.progress)
+            self._mark_done(out, run.to_dict())
         dist.barrier()
 
     def baseline(self, name: str) -> None:
@@ -177,7 +177,7 @@ class Scheme:
                 self._mark_done(out, write_baseline(name, self.data.train, out, self.cfg.box_centre_fraction, self.progress))
             dist.barrier()
         prop, cover = score_label_dir(out, self.data.train)
-        model = self.segnet1(f"segnet1_{name}", self.data.train, label_reader(out, self.data.train), NUM_VOC_CLASSES)
+        model = self.segnet1(f"segnet1_{name}", self.data.train, label_reader(out, self.data.train), VOC_TARGET_CLASSES)
         self.results["baselines"][name] = {"proposal_miou": prop.miou, "proposal_coverage": cover,
                                           **self.val_miou(model)}
         self.log(f"baseline {name}: proposal mIoU {100 * prop.miou:.2f}, "
@@ -185,7 +185,7 @@ class Scheme:
         self.save()
 
     def baseline_full(self) -> None:
-        model = self.segnet1("segnet1_full", self.data.train, gt_reader(self.data.train), NUM_VOC_CLASSES)
+        model = self.segnet1("segnet1_full", self.data.train, gt_reader(self.data.train), VOC_TARGET_CLASSES)
         self.results["baselines"]["full"] = {"proposal_miou": 1.0, "proposal_coverage": 1.0, **self.val_miou(model)}
         self.log(f"fully supervised: SegNet1 val mIoU {100 * self.results['baselines']['full']['val_miou']:.2f}")
         self.save()

@@ -69,11 +69,12 @@ class Stage:
 
 def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
               step: Callable[[torch.nn.Module, dict], torch.Tensor], seed: int, device: torch.device,
-              progress: bool = False, log: Callable[[str], None] = print) -> torch.nn.Module:
+              progress: bool = False, log: Callable[[str], None] = print, meta: dict | None = None) -> torch.nn.Module:
     """Train `model` for stage.iters iterations (or load the finished stage) and return it.
 
     `dataset[key]` returns a dict of tensors for sample key; `step(model, batch)` returns the
-    loss. The returned model is the unwrapped module, in eval mode.
+    loss. The returned model is the unwrapped module, in eval mode. `meta` (boxseg.models.meta)
+    is stored in final.pt so that the file alone rebuilds the network.
     """
     if stage.final.exists():
         model.load_state_dict(load_state_file(stage.final)["model"])
@@ -126,7 +127,8 @@ def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optim
     bar.close()
     if rank == 0:
         _write_rows(metrics_path, rows)
-        save_checkpoint(stage.final, {"model": model.state_dict(), "iteration": stage.iters})
+        final = {"model": model.state_dict(), "iteration": stage.iters}
+        save_checkpoint(stage.final, final if meta is None else {**final, "meta": meta})
         if stage.last.exists():
             stage.last.unlink()
         _tensorboard(stage.dir, rows)

@@ -12,10 +12,11 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from boxseg.config import SegNet1Config
-from boxseg.data.classes import IGNORE
+from boxseg.data.classes import IGNORE, ClassMap
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import normalize, random_scale_crop
 from boxseg.models.largefov import LargeFOV
+from boxseg.models.meta import segnet1_meta
 from boxseg.models.vgg import load_vgg16_state
 from boxseg.train.loop import Stage, run_stage
 
@@ -105,12 +106,13 @@ def segnet1_optimizer(model: LargeFOV, cfg: SegNet1Config) -> torch.optim.Optimi
     ], lr=cfg.lr, momentum=cfg.momentum)
 
 
-def train_segnet1(stage: Stage, images: ImageSet, label_of: Callable[[int], np.ndarray], num_classes: int,
+def train_segnet1(stage: Stage, images: ImageSet, label_of: Callable[[int], np.ndarray], classes: ClassMap,
                   cfg: SegNet1Config, seed: int, device: torch.device, amp: str = "none",
                   indices: list[int] | None = None, progress: bool = False) -> LargeFOV:
     torch.manual_seed(seed)
-    model = build_segnet1(num_classes, cfg).to(device)
+    model = build_segnet1(classes.num_classes, cfg).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     data = SegNet1Samples(images, label_of, cfg, seed, indices)
-    return run_stage(stage, model, segnet1_optimizer(model, cfg), data, segnet1_step(amp), seed, device, progress)
+    return run_stage(stage, model, segnet1_optimizer(model, cfg), data, segnet1_step(amp), seed, device, progress,
+                     meta=segnet1_meta(cfg, classes))

@@ -16,6 +16,7 @@ from boxseg.data.coco import class_sample
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import crop_around_boxes, normalize
 from boxseg.models.hourglass import Hourglass
+from boxseg.models.meta import segnet2_meta
 from boxseg.train.loop import Stage, run_stage
 from boxseg.train.segnet1 import Epochs, autocast, masked_cross_entropy
 
@@ -83,4 +84,4 @@ def train_segnet2(stage: Stage, images: ImageSet, cfg: SegNet2Config, seed: int,
         segnet1 = segnet1.to(device).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     return run_stage(stage, model, optimizer, SegNet2Samples(images, cfg, seed), segnet2_step(segnet1, amp),
-                     seed, device, progress)
+                     seed, device, progress, meta=segnet2_meta(cfg, model.in_channels))

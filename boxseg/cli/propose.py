@@ -1,0 +1,241 @@
+"""boxseg-propose: region proposals for every image of a VOC split or COCO file, resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from boxseg.config import ProposalConfig
+from boxseg.errors import BadInputLog, DataError
+
+METHODS = ("learned", "box", "box-centre", "grabcut")
+
+
+@dataclasses.dataclass
+class Target:
+    images: object            # ImageSet
+    names: list[str]          # class names, index 0 = background
+    coco_ids: tuple[int, ...]
+    describe: dict
+    coco_ann: Path | None     # ground-truth instances for mask AP
+
+
+def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_images: Path | None,
+                skip_bad: bool, log: BadInputLog) -> Target:
+    from boxseg.data.classes import SOURCE_CLASSES, VOC_CLASSES, VOC_TARGET_CLASSES
+    from boxseg.data.images import ImageSet
+
+    if coco_ann is not None:
+        from boxseg.data.coco import COCOSource
+
+        if coco_images is None:
+            raise click.UsageError("--coco-ann needs --coco-images")
+        src = COCOSource(coco_ann, coco_images, skip_bad=skip_bad, log=log)
+        return Target(ImageSet(src, SOURCE_CLASSES.num_classes), ["background", *SOURCE_CLASSES.names],
+                      SOURCE_CLASSES.coco_ids, {"coco_ann": str(coco_ann), "coco_images": str(coco_images)}, coco_ann)
+    from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+
+    if voc_root is None:
+        from boxseg.cli.train import synth_cache_dir
+        from boxseg.data.synth import SIZES, world_paths, write_synth
+
+        cache = synth_cache_dir("tiny", 0)
+        if not (cache / "synth.json").exists():
+            click.echo(f"building the synthetic world (tiny, seed 0) in {cache}", err=True)
+            write_synth(cache, seed=0, size=SIZES["tiny"])
+        voc_root = world_paths(cache)[2]
+    ds = VOCDataset(voc_root, split, skip_bad=skip_bad, log=log)
+    return Target(ImageSet(ds, NUM_VOC_CLASSES), list(VOC_CLASSES), VOC_TARGET_CLASSES.coco_ids,
+                  {"voc_root": str(voc_root), "split": split}, None)
+
+
+@click.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="SegNet2: a checkpoint (stages/segnet2_rN/final.pt) or an exported artifact (.onnx, .pt2, .engine).")
+@click.option("--segnet1", "segnet1_path", type=click.Path(path_type=Path),
+              help="SegNet1 for the score-map channel (needed by a 5-channel SegNet2, round >= 2).")
+@click.option("--method", type=click.Choice(METHODS), default="learned", show_default=True)
+@click.option("--voc-root", type=click.Path(path_type=Path), help="VOC2012 folder. Omit both data options for the synthetic world.")
+@click.option("--split", default="train", show_default=True, help="VOC split list (ImageSets/Segmentation).")
+@click.option("--coco-ann", type=click.Path(path_type=Path), help="A COCO instances JSON instead of VOC.")
+@click.option("--coco-images", type=click.Path(path_type=Path), help="The COCO image folder.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder (ID.png, manifest.json).")
+@click.option("--batch", type=int, default=64, show_default=True, help="(image, class) pairs per batch.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Default: fp16 on CUDA, fp32 on CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--instances", is_flag=True, help="Also write per-box masks (COCO results, RLE) and their mask AP.")
+@click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True)
+@click.option("--margin", type=float, default=ProposalConfig.margin, show_default=True, help="|p - threshold| < margin -> 255.")
+@click.option("--class-margin", type=float, default=ProposalConfig.class_margin, show_default=True)
+@click.option("--merge", type=click.Choice(["ignore", "order"]), default="ignore", show_default=True,
+              help="ignore: METHOD.md's rule; order: the reference code's (no 255).")
+@click.option("--box-centre-fraction", type=float, default=0.5, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Skip and list unreadable inputs instead of stopping.")
+def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
+         workers, instances, threshold, margin, class_margin, merge, box_centre_fraction, skip_bad) -> None:
+    """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
+    A rerun completes only the images whose PNG is missing."""
+    from boxseg.cli.train import resolve_device
+    from boxseg.train import dist
+
+    if batch < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--batch")
+    dev = resolve_device(device)
+    dist.init_from_env(dev)
+    rank, world = dist.rank_world()
+    precision = precision or ("fp16" if dev.type == "cuda" else "fp32")
+    cfg = ProposalConfig(threshold=threshold, margin=margin, class_margin=class_margin, merge=merge, batch=batch)
+    log = BadInputLog()
+    try:
+        target = open_target(voc_root, split, coco_ann, coco_images, skip_bad, log)
+        if method == "learned":
+            if model_path is None:
+                raise click.UsageError("--method learned needs --model (a SegNet2 checkpoint or artifact)")
+            info, run = _learned(model_path, segnet1_path, target, out_dir, cfg, dev, precision, workers, instances,
+                                 skip_bad, log, (rank, world))
+        else:
+            if instances:
+                raise click.UsageError("--instances is for --method learned")
+            info, run = _baseline(method, target, out_dir, box_centre_fraction, (rank, world))
+    except DataError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    part = {"rank": rank, "run": run, "bad_input": log.to_dict()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from boxseg.data.files import write_bytes_atomic
+
+    write_bytes_atomic(out_dir / f"manifest.rank{rank}.json", json.dumps(part).encode())
+    dist.barrier()
+    if rank != 0:
+        return
+    manifest = _merge_manifest(out_dir, world, {**info, "method": method, "config": dataclasses.asdict(cfg),
+                                                "data": target.describe, "precision": precision, "device": str(dev),
+                                                "world_size": world, "versions": _versions(),
+                                                "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    manifest["quality"] = _quality(out_dir, target, instances)
+    write_bytes_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
+    for r in range(world):
+        (out_dir / f"manifest.rank{r}.json").unlink(missing_ok=True)
+    _report(manifest, out_dir)
+    if manifest["counts"]["failed"]:
+        sys.exit(3)
+
+
+def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
+             log, shard):
+    from boxseg.predictor import load_predictor
+    from boxseg.propose import propose
+
+    segnet2 = load_predictor(model_path, dev, precision, expect_kind="segnet2")
+    segnet1 = None
+    if segnet2.meta["in_channels"] == 5:
+        if segnet1_path is None:
+            raise click.UsageError(f"{model_path} is a 5-channel SegNet2 (round >= 2): pass --segnet1")
+        segnet1 = load_predictor(segnet1_path, dev, precision, expect_kind="segnet1")
+        if segnet1.meta["num_classes"] != len(target.names):
+            raise DataError(segnet1_path, f"SegNet1 has {segnet1.meta['num_classes']} classes; this dataset has "
+                                          f"{len(target.names)}")
+    elif segnet1_path is not None:
+        raise click.UsageError(f"{model_path} is a 4-channel SegNet2 (round 1): it takes no --segnet1")
+    run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
+                  workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty())
+    info = {"model": str(model_path), "model_meta": segnet2.meta, "predictor": segnet2.describe(),
+            "segnet1": str(segnet1_path) if segnet1_path else None}
+    return info, run.to_dict()
+
+
+def _baseline(method, target: Target, out_dir, fraction, shard):
+    from boxseg.inference import write_baseline
+
+    rank, world = shard
+    t0 = time.perf_counter()
+    done = write_baseline(method, target.images, out_dir, fraction, sys.stderr.isatty(),
+                          indices=list(range(rank, len(target.images), world)))
+    secs = time.perf_counter() - t0
+    mine = len(range(rank, len(target.images), world))
+    return {"box_centre_fraction": fraction}, {"written": done["written"], "skipped_existing": mine - done["written"],
+                                               "pairs": 0, "failed": [], "seconds": round(secs, 3)}
+
+
+def _merge_manifest(out_dir: Path, world: int, head: dict) -> dict:
+    parts = [json.loads((out_dir / f"manifest.rank{r}.json").read_text()) for r in range(world)]
+    runs = [p["run"] for p in parts]
+    skipped = [s for p in parts for s in p["bad_input"]["skipped"]]
+    failed = [f for r in runs for f in r["failed"]]
+    secs = max(r["seconds"] for r in runs)
+    written = sum(r["written"] for r in runs)
+    counts = {"images": len(list(out_dir.glob("*.png"))), "written": written,
+              "skipped_existing": sum(r["skipped_existing"] for r in runs), "pairs": sum(r["pairs"] for r in runs),
+              "skipped_bad": len(skipped), "failed": len(failed)}
+    timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
+              "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs)}
+    if secs > 0:
+        timing["images_per_s"] = round(written / secs, 2)
+        timing["pairs_per_s"] = round(counts["pairs"] / secs, 2)
+    return {**head, "counts": counts, "timing": timing, "skipped_files": skipped, "failed": failed,
+            "clipped_boxes": max(p["bad_input"]["clipped_boxes"] for p in parts)}
+
+
+def _quality(out_dir: Path, target: Target, instances: bool) -> dict:
+    """Proposal mIoU (and per-class IoU) against ground truth where it exists; mask AP for --instances."""
+    from boxseg.inference import score_label_dir
+    from boxseg.propose import coco_results, mask_ap
+
+    images = target.images
+    q: dict = {}
+    scores, coverage = score_label_dir(out_dir, images, missing_ok=True)
+    if scores.pixels:
+        q["miou"] = scores.miou
+        q["coverage"] = coverage
+        q["per_class_iou"] = {n: v for n, v in zip(target.names, scores.iou)}
+    if instances:
+        coco = target.coco_ann is not None
+        image_id = (lambda i: int(images.id(i))) if coco else (lambda i: i)
+        results = coco_results(out_dir, images, target.coco_ids, image_id)
+        from boxseg.data.files import write_bytes_atomic
+
+        write_bytes_atomic(out_dir / "instances.json", json.dumps(results).encode())
+        q["instances"] = len(results)
+        if coco:
+            q["mask_ap"] = mask_ap(target.coco_ann, results, [image_id(i) for i in range(len(images))])
+        else:
+            q["mask_ap"] = "not computed: VOC input has no instance ground truth here (image_id = position in the split)"
+    return q
+
+
+def _versions() -> dict:
+    import numpy
+
+    import boxseg
+
+    return {"boxseg": boxseg.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def _report(m: dict, out_dir: Path) -> None:
+    c, t, q = m["counts"], m["timing"], m["quality"]
+    click.echo(f"{m['method']}: wrote {c['written']} (already there {c['skipped_existing']}, bad {c['skipped_bad']}, "
+               f"failed {c['failed']}); {c['pairs']} pairs in {t['seconds']:.1f} s"
+               + (f" = {t['images_per_s']:.1f} images/s, {t['pairs_per_s']:.1f} pairs/s" if t.get("images_per_s") else ""))
+    if "miou" in q:
+        click.echo(f"proposal mIoU {100 * q['miou']:.2f} (coverage {100 * q['coverage']:.1f}%)")
+    if isinstance(q.get("mask_ap"), dict):
+        click.echo(f"mask AP {100 * q['mask_ap']['AP']:.1f}, AP50 {100 * q['mask_ap']['AP50']:.1f}")
+    for s in m["skipped_files"]:
+        click.echo(f"skipped {s['path']}: {s['problem']}", err=True)
+    for f in m["failed"]:
+        click.echo(f"failed {f['id']} class {f['class']}: {f['problem']}", err=True)
+    click.echo(f"manifest: {out_dir / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

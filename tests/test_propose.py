@@ -1,0 +1,234 @@
+"""boxseg-propose and boxseg.propose: batch-size independence, resumability after a kill,
+the manifest, instances with mask AP, bad input, wrong models, non-finite outputs."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from boxseg.cli.propose import main as propose_cli
+from boxseg.config import ProposalConfig, SegNet1Config, SegNet2Config
+from boxseg.data.classes import VOC_TARGET_CLASSES
+from boxseg.data.images import ImageSet
+from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
+from boxseg.propose import propose
+from boxseg.train.checkpoint import save_checkpoint
+
+from conftest import first_id
+
+S2 = SegNet2Config(widths=(16, 16, 24, 24), blocks=1, bottom_blocks=1, stem_channels=8, input_size=96)
+S1 = SegNet1Config(width=0.125, batch_norm=True, dropout=0.0, convs_per_block=(1, 1, 1, 1, 1), fc6_dilation=2,
+                   test_size=97)
+
+
+def _model(meta: dict, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = build_model(meta)
+    with torch.no_grad():  # make BN statistics non-trivial so outputs vary across pixels
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+        if meta["kind"] == "segnet2":  # spread the foreground probability around 0.5
+            head = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)][-1]
+            head.weight.mul_(40.0)
+            m.eval()
+            diff = m(torch.randn(2, meta["in_channels"], 64, 64)).diff(dim=1).mean()
+            head.bias[1] -= diff
+    return m.eval()
+
+
+def _save(path: Path, meta: dict, seed: int = 0) -> Path:
+    save_checkpoint(path, {"model": _model(meta, seed).state_dict(), "meta": meta})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpt")
+    return {"s2_4": _save(d / "s2_4.pt", segnet2_meta(S2, 4)),
+            "s2_5": _save(d / "s2_5.pt", segnet2_meta(S2, 5), 1),
+            "s1": _save(d / "s1.pt", segnet1_meta(S1, VOC_TARGET_CLASSES), 2)}
+
+
+def _train_set(world) -> ImageSet:
+    return ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
+
+
+def _labels(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+@pytest.mark.parametrize("channels", [4, 5])
+def test_batched_output_equals_per_image_output(world, tmp_path, channels):
+    """Batch sizes 1, 7 and 64 give byte-identical label PNGs (CPU fp32), 4 and 5 channels."""
+    images = _train_set(world)
+    segnet2 = _model(segnet2_meta(S2, channels), 0)
+    segnet1 = _model(segnet1_meta(S1, VOC_TARGET_CLASSES), 2) if channels == 5 else None
+    outs = {}
+    for b in (1, 7, 64):
+        run = propose(segnet2, segnet1, images, tmp_path / f"b{b}", S2.input_size,
+                      ProposalConfig(batch=b, margin=0.02, class_margin=0.02), torch.device("cpu"))
+        assert run.written == len(images) and not run.failed
+        outs[b] = _labels(tmp_path / f"b{b}")
+    assert len(outs[1]) == len(images)
+    assert outs[1] == outs[7] == outs[64]
+    # not a degenerate answer: several values occur, including foreground classes
+    values = set()
+    for name in outs[1]:
+        values |= set(np.unique(np.array(Image.open(tmp_path / "b1" / name))).tolist())
+    assert len(values - {0, 255}) >= 2
+
+
+def test_rerun_completes_only_what_is_missing(world, tmp_path):
+    images = _train_set(world)
+    segnet2 = _model(segnet2_meta(S2, 4), 0)
+    cfg, cpu = ProposalConfig(batch=5), torch.device("cpu")
+    full = propose(segnet2, None, images, tmp_path / "a", S2.input_size, cfg, cpu)
+    ref = _labels(tmp_path / "a")
+    gone = sorted(ref)[:5]
+    for name in gone:
+        (tmp_path / "a" / name).unlink()
+    again = propose(segnet2, None, images, tmp_path / "a", S2.input_size, cfg, cpu)
+    assert (full.written, again.written, again.skipped_existing) == (len(images), 5, len(images) - 5)
+    assert _labels(tmp_path / "a") == ref
+
+
+def test_cli_manifest_quality_and_baselines(world, tmp_path, ckpts):
+    out = tmp_path / "p"
+    args = ["--voc-root", str(world.voc_root), "--out", str(out), "--workers", "0", "--batch", "7"]
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), *args])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    n = len((world.voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split())
+    assert m["counts"]["images"] == m["counts"]["written"] == n and m["counts"]["pairs"] > n
+    assert m["model_meta"]["kind"] == "segnet2" and m["config"]["batch"] == 7 and m["precision"] == "fp32"
+    assert 0.0 <= m["quality"]["miou"] <= 1.0 and "aeroplane" in m["quality"]["per_class_iou"]
+    assert m["timing"]["pairs_per_s"] > 0 and not list(out.glob("manifest.rank*.json"))
+    # a rerun writes nothing new
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), *args])
+    assert json.loads((out / "manifest.json").read_text())["counts"]["skipped_existing"] == n
+    # the box baseline through the same command reproduces the world's recorded box mIoU
+    r = CliRunner().invoke(propose_cli, ["--method", "box", "--voc-root", str(world.voc_root), "--out", str(tmp_path / "box")])
+    assert r.exit_code == 0, r.output
+    mb = json.loads((tmp_path / "box" / "manifest.json").read_text())
+    assert mb["quality"]["miou"] == pytest.approx(world.box_baseline_miou, abs=1e-9)
+
+
+def test_cli_five_channels_needs_segnet1_and_kinds_are_checked(world, tmp_path, ckpts):
+    base = ["--voc-root", str(world.voc_root), "--workers", "0"]
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_5"]), "--out", str(tmp_path / "a"), *base])
+    assert r.exit_code != 0 and "--segnet1" in r.output
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s1"]), "--out", str(tmp_path / "b"), *base])
+    assert r.exit_code == 2 and "segnet1 model, but a segnet2 is expected" in r.output
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_5"]), "--segnet1", str(ckpts["s1"]),
+                                         "--out", str(tmp_path / "c"), *base])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["model_meta"]["in_channels"] == 5
+
+
+def test_cli_instances_on_coco_give_mask_ap(world, tmp_path, ckpts):
+    out = tmp_path / "c"
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), "--coco-ann", str(world.coco_ann),
+                                         "--coco-images", str(world.coco_images), "--out", str(out),
+                                         "--instances", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    res = json.loads((out / "instances.json").read_text())
+    ann = json.loads(world.coco_ann.read_text())
+    kept = {c["id"] for c in ann["categories"]}
+    assert len(res) == m["quality"]["instances"] > 0
+    assert {r["category_id"] for r in res} <= kept and all("counts" in r["segmentation"] for r in res)
+    assert 0.0 <= m["quality"]["mask_ap"]["AP"] <= 1.0
+
+
+def test_cli_bad_image_named_or_skipped(world_copy, tmp_path, ckpts):
+    bad = first_id(world_copy.voc_root)
+    (world_copy.voc_root / "JPEGImages" / f"{bad}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    args = ["--model", str(ckpts["s2_4"]), "--voc-root", str(world_copy.voc_root), "--workers", "0"]
+    r = CliRunner().invoke(propose_cli, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and f"{bad}.jpg" in r.output
+    r = CliRunner().invoke(propose_cli, [*args, "--out", str(tmp_path / "b"), "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["counts"]["skipped_bad"] == 1 and m["skipped_files"][0]["path"].endswith(f"{bad}.jpg")
+    assert not (tmp_path / "b" / f"{bad}.png").exists()
+
+
+def test_non_finite_output_is_reported_not_written(world, tmp_path):
+    images = _train_set(world)
+    segnet2 = _model(segnet2_meta(S2, 4), 0)
+    first = {}
+
+    def model(x):
+        y = segnet2(x)
+        if "n" not in first:
+            first["n"] = 1
+            y = y.clone()
+            y[0] = float("nan")
+        return y
+
+    run = propose(model, None, images, tmp_path / "p", S2.input_size, ProposalConfig(batch=3), torch.device("cpu"))
+    assert len(run.failed) == 1 and "non-finite" in run.failed[0]["problem"]
+    failed_id = run.failed[0]["id"]
+    assert not (tmp_path / "p" / f"{failed_id}.png").exists()
+    assert run.written == len(images) - 1
+
+
+def _png_ok(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except FileNotFoundError:
+        return True  # renamed away between listing and opening: not a partial file
+    except Exception:
+        return False
+
+
+def test_killed_run_rerun_is_byte_identical_and_never_truncated(world, tmp_path):
+    """SIGKILL mid-run, rerun: the same bytes as an uninterrupted run, and every *.png seen
+    at any moment decodes completely (temporary files carry other names)."""
+    big = SegNet2Config(widths=(32, 32, 48, 48), blocks=1, bottom_blocks=1, stem_channels=16, input_size=192)
+    ckpt = _save(tmp_path / "big.pt", segnet2_meta(big, 4))
+    base = [sys.executable, "-m", "boxseg.cli.propose", "--model", str(ckpt), "--voc-root", str(world.voc_root),
+            "--workers", "0", "--batch", "1"]
+    ref = tmp_path / "ref"
+    subprocess.run([*base, "--out", str(ref)], check=True, capture_output=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*base, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen_bad, n_at_kill = [], 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        pngs = list(out.glob("*.png")) if out.exists() else []
+        seen_bad += [p.name for p in pngs if not _png_ok(p)]
+        if len(pngs) >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            n_at_kill = len(pngs)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    total = len(list(ref.glob("*.png")))
+    assert 3 <= n_at_kill < total and not seen_bad
+    assert not (out / "manifest.json").exists()
+    subprocess.run([*base, "--out", str(out)], check=True, capture_output=True)
+    names = sorted(p.name for p in ref.glob("*.png"))
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    match, mismatch, errors = filecmp.cmpfiles(ref, out, names, shallow=False)
+    assert len(match) == total and not mismatch and not errors
+    # a write cut by the kill can leave only a hidden temporary file, never a visible partial one
+    assert all(p.name.startswith(".") for p in out.iterdir() if p.suffix == ".tmp")
