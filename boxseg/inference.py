@@ -21,31 +21,56 @@ def _chunks(n: int, size: int) -> Iterator[range]:
 
 
 @torch.no_grad()
-def segnet1_probs(model: torch.nn.Module, images: list[np.ndarray], test_size: int, device: torch.device) -> list[torch.Tensor]:
-    """Softmax (C, h, w) per image. Images are padded to test_size (scaled down only if larger)."""
-    lbs = [letterbox_params(*im.shape[:2], test_size, upscale=False) for im in images]
-    canvas = np.stack([letterbox(im, lb, MEAN_U8) for im, lb in zip(images, lbs)])
-    x = normalize(torch.from_numpy(canvas).to(device))
-    logits = model(x).float()
-    return [unletterbox(logits[k], lb).softmax(0).cpu() for k, lb in enumerate(lbs)]
+def segnet1_probs(model, images: list[np.ndarray], test_size: int, device: torch.device,
+                  scales: tuple[float, ...] = (1.0,), flip: bool = False) -> list[torch.Tensor]:
+    """Softmax (C, h, w) per image from a torch module or any Predictor. Each image (scaled by
+    each of `scales`, and mirrored with `flip`) is padded to test_size (scaled down only if
+    larger); the probabilities are mapped back to the image and averaged."""
+    from boxseg.data.transforms import resize
+
+    sums: list[torch.Tensor | None] = [None] * len(images)
+    for s in scales:
+        for mirrored in ((False, True) if flip else (False,)):
+            views = []
+            for im in images:
+                v = im if s == 1.0 else resize(im, max(1, round(im.shape[0] * s)), max(1, round(im.shape[1] * s)), False)
+                views.append(np.ascontiguousarray(v[:, ::-1]) if mirrored else v)
+            lbs = [letterbox_params(*v.shape[:2], test_size, upscale=False) for v in views]
+            canvas = np.stack([letterbox(v, lb, MEAN_U8) for v, lb in zip(views, lbs)])
+            logits = model(normalize(torch.from_numpy(canvas).to(device))).float()
+            for k, lb in enumerate(lbs):
+                p = unletterbox(logits[k], lb).softmax(0)
+                if mirrored:
+                    p = p.flip(-1)
+                if p.shape[-2:] != images[k].shape[:2]:
+                    p = torch.nn.functional.interpolate(p[None], size=images[k].shape[:2], mode="bilinear",
+                                                        align_corners=False)[0]
+                sums[k] = p if sums[k] is None else sums[k] + p
+    n = len(scales) * (2 if flip else 1)
+    return [(t / n).cpu() for t in sums]
 
 
-def evaluate_segnet1(model: torch.nn.Module, images: ImageSet, test_size: int, device: torch.device,
-                     batch: int = 16) -> SegScores:
-    """mIoU of SegNet1 over a split with ground truth."""
-    model.eval()
-    conf = ConfusionMatrix(images.num_classes)
-    for idx in _chunks(len(images), batch):
+def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.device, batch: int = 16,
+                     scales: tuple[float, ...] = (1.0,), flip: bool = False, progress: bool = False,
+                     conf: ConfusionMatrix | None = None) -> SegScores:
+    """mIoU of SegNet1 (a module or a Predictor) over a split with ground truth."""
+    from tqdm import tqdm
+
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
+    for idx in tqdm(list(_chunks(len(images), batch)), desc="eval", disable=not progress, leave=False):
         items = [images[i] for i in idx]
-        for item, p in zip(items, segnet1_probs(model, [it.image for it in items], test_size, device)):
+        for item, p in zip(items, segnet1_probs(model, [it.image for it in items], test_size, device, scales, flip)):
             conf.update(p.argmax(0), torch.from_numpy(item.mask))
     return conf.scores()
 
 
-def score_label_dir(label_dir: Path, images: ImageSet, missing_ok: bool = False) -> tuple[SegScores, float]:
+def score_label_dir(label_dir: Path, images: ImageSet, missing_ok: bool = False,
+                    conf: ConfusionMatrix | None = None) -> tuple[SegScores, float]:
     """mIoU of a folder of label PNGs (proposals) against the ground truth of `images`, over
     the pixels the proposals label, and their coverage (the fraction not marked 255)."""
-    conf = ConfusionMatrix(images.num_classes)
+    conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
     for i in range(len(images)):
         item = images[i]
         path = label_dir / f"{item.id}.png"

@@ -1,0 +1,118 @@
+"""boxseg-eval: mIoU of a SegNet1 artifact (any backend) or of a proposal folder on a VOC split."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+def confusion_png(mat, names: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (rows: ground truth) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from boxseg.data.files import atomic_path
+
+    m = np.asarray(mat, dtype=np.float64)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(0.38 * n + 2.5, 0.38 * n + 2))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def iou_table(names: list[str], iou: list) -> str:
+    rows = ["| class | IoU |", "|---|---|"]
+    rows += [f"| {n} | {'-' if v is None else f'{100 * v:.1f}'} |" for n, v in zip(names, iou)]
+    return "\n".join(rows)
+
+
+@click.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="SegNet1: a checkpoint or an exported artifact (.onnx, .pt2, .engine).")
+@click.option("--proposals", "prop_dir", type=click.Path(path_type=Path),
+              help="Score a folder of label PNGs (255 = not scored, coverage reported) instead of a model.")
+@click.option("--voc-root", type=click.Path(path_type=Path), help="VOC2012 folder; omit for the synthetic world.")
+@click.option("--split", default=None, help="Split list (default: val for --model, train for --proposals).")
+@click.option("--flip", is_flag=True, help="Average with the mirrored image.")
+@click.option("--scales", default="1", show_default=True, help="Comma list of test scales, averaged (e.g. 0.75,1,1.25).")
+@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
+@click.option("--skip-bad", is_flag=True)
+def main(model_path, prop_dir, voc_root, split, flip, scales, batch, precision, device, out_dir, skip_bad) -> None:
+    """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""
+    from boxseg.cli.propose import open_target
+    from boxseg.cli.train import resolve_device
+    from boxseg.errors import BadInputLog, DataError
+    from boxseg.metrics import ConfusionMatrix
+
+    if (model_path is None) == (prop_dir is None):
+        raise click.UsageError("give exactly one of --model and --proposals")
+    try:
+        scale_list = tuple(float(s) for s in scales.split(","))
+    except ValueError:
+        raise click.BadParameter(f"not a comma list of numbers: {scales!r}", param_hint="--scales") from None
+    split = split or ("val" if model_path else "train")
+    dev = resolve_device(device)
+    log = BadInputLog()
+    t0 = time.perf_counter()
+    try:
+        target = open_target(voc_root, split, None, None, skip_bad, log)
+        conf = ConfusionMatrix(target.images.num_classes)
+        res: dict = {"split": split, "data": target.describe}
+        if model_path is not None:
+            from boxseg.inference import evaluate_segnet1
+            from boxseg.predictor import load_predictor
+
+            pred = load_predictor(model_path, dev, precision, expect_kind="segnet1")
+            if pred.meta["num_classes"] != target.images.num_classes:
+                raise DataError(model_path, f"predicts {pred.meta['num_classes']} classes; the split has "
+                                            f"{target.images.num_classes}")
+            scores = evaluate_segnet1(pred, target.images, pred.meta["input_size"], dev, batch, scale_list, flip,
+                                      progress=sys.stderr.isatty(), conf=conf)
+            res.update({"model": str(model_path), "predictor": pred.describe(), "scales": list(scale_list), "flip": flip})
+        else:
+            from boxseg.inference import score_label_dir
+
+            scores, coverage = score_label_dir(prop_dir, target.images, conf=conf)
+            res.update({"proposals": str(prop_dir), "coverage": coverage})
+    except DataError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    res.update(scores.to_dict(target.names))
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    res["bad_input"] = log.to_dict()
+    click.echo(iou_table(target.names, scores.iou))
+    click.echo(f"mIoU {100 * scores.miou:.2f} over {scores.pixels} pixels"
+               + (f" (coverage {100 * res['coverage']:.1f}%)" if "coverage" in res else ""))
+    if out_dir is not None:
+        from boxseg.data.files import write_bytes_atomic
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out_dir / "results.json", json.dumps(res, indent=2).encode())
+        write_bytes_atomic(out_dir / "per_class.md", (iou_table(target.names, scores.iou) + "\n").encode())
+        confusion_png(conf.mat.numpy(), target.names, out_dir / "confusion.png",
+                      f"{model_path or prop_dir}: mIoU {100 * scores.miou:.1f}")
+        click.echo(f"results: {out_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
