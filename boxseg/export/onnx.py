@@ -77,7 +77,7 @@ def check_onnx_file(path: Path) -> None:
             continue
         loc = {e.key: e.value for e in t.external_data}.get("location", "")
         target = path.parent / loc
-        if Path(loc).is_absolute() or not target.resolve().is_relative_to(folder):
-            raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} lies outside {folder}")
         if target.is_symlink():
             raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} is a symbolic link")
+        if Path(loc).is_absolute() or not target.resolve().is_relative_to(folder):
+            raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} lies outside {folder}")
