@@ -1,0 +1,238 @@
+"""Latency and throughput of SegNet1 / SegNet2 per backend, precision and batch, against the
+device's own ceiling (a large matrix product of the same dtype timed in the same run)."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from boxseg.export.common import example_inputs
+
+
+@dataclass
+class BenchRow:
+    model: str
+    backend: str
+    precision: str
+    batch: int
+    status: str                      # "ok" or why it did not run
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    images_per_s: float | None = None
+    gflop_per_image: float | None = None
+    tflops: float | None = None
+    matmul_tflops: float | None = None
+    fraction_of_matmul: float | None = None
+    peak_mem_mib: float | None = None
+    note: str = ""
+
+
+def flops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x[:1])
+    return float(fc.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Per-call latencies in ms: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(1000 * (time.perf_counter() - t))
+    return out
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 10) -> float:
+    """Achieved TFLOP/s of an n x n x n matrix product (the practical ceiling for convs)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = statistics.median(time_fn(lambda: a @ b, device, 3, iters))
+    return 2 * n**3 / (ms / 1000) / 1e12
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def make_runner(backend: str, model: torch.nn.Module, meta: dict, precision: str, device: torch.device,
+                batch: int, workdir: Path):
+    """A no-argument callable that runs one batch, or raises with the reason it cannot."""
+    x = example_inputs(meta, batch).to(device)
+    if backend in ("torch", "torch-cl", "compile"):
+        dtype = _dtype(precision)
+        net = copy.deepcopy(model).to(device, dtype).eval()
+        xin = x.to(dtype)
+        if backend == "torch-cl" or (backend == "compile" and device.type == "cuda"):
+            net = net.to(memory_format=torch.channels_last)
+            xin = xin.contiguous(memory_format=torch.channels_last)
+        if backend == "compile":
+            mode = "max-autotune" if device.type == "cuda" else None  # max-autotune uses CUDA graphs on GPU
+            net = torch.compile(net, mode=mode)
+
+        def run():
+            with torch.no_grad():
+                net(xin)
+        return run
+    if backend == "onnxruntime":
+        from boxseg.export.onnx import export_onnx
+        from boxseg.export.ort import OrtPredictor
+
+        if precision == "bf16":
+            raise RuntimeError("onnxruntime: no bf16 export here")
+        path = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}.onnx"
+        if not path.exists():
+            export_onnx(model, meta, path, fp16=precision == "fp16")
+        pred = OrtPredictor(path, meta, device, precision)
+        return lambda: pred(x)
+    if backend == "aoti":
+        from boxseg.export.aoti import AotiPredictor, export_aoti
+
+        if precision == "bf16":
+            raise RuntimeError("aoti: bf16 not exported")
+        path = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}_{device.type}.pt2"
+        if not path.exists():
+            export_aoti(model, meta, path, device, precision == "fp16", max_batch=256)
+        pred = AotiPredictor(path, {**meta, "precision": precision}, device, precision)
+        return lambda: pred(x)
+    if backend == "tensorrt":
+        from boxseg.export.trt import import_tensorrt
+
+        import_tensorrt()
+        raise RuntimeError("tensorrt: build engines with boxseg-export --trt and pass the .engine as --model")
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], precisions: list[str],
+          batches: list[int], device: torch.device, warmup: int, iters: int, log=print) -> list[BenchRow]:
+    rows: list[BenchRow] = []
+    x1 = example_inputs(meta, 1)
+    gflop = flops_per_image(copy.deepcopy(model).eval(), x1) / 1e9
+    peaks: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in precisions:
+            try:
+                peaks[precision] = matmul_tflops(device, _dtype(precision))
+            except RuntimeError as e:
+                peaks[precision] = float("nan")
+                log(f"matmul {precision}: {e}")
+            for backend in backends:
+                for b in batches:
+                    row = BenchRow(name, backend, precision, b, "ok", gflop_per_image=round(gflop, 3),
+                                   matmul_tflops=round(peaks[precision], 3))
+                    try:
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            run = make_runner(backend, model, meta, precision, device, b, Path(tmp))
+                            lat = time_fn(run, device, warmup, iters)
+                    except Exception as e:  # reported in the table: a backend that cannot run says why
+                        row.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        rows.append(row)
+                        log(f"{backend} {precision} b{b}: {row.status}")
+                        continue
+                    med = statistics.median(lat)
+                    row.median_ms, row.p90_ms, row.p99_ms = round(med, 3), round(_pct(lat, 0.9), 3), round(_pct(lat, 0.99), 3)
+                    row.images_per_s = round(b / (med / 1000), 2)
+                    row.tflops = round(row.images_per_s * gflop / 1000, 4)
+                    row.fraction_of_matmul = round(row.tflops / peaks[precision], 4) if peaks[precision] else None
+                    if device.type == "cuda":
+                        row.peak_mem_mib = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                    else:
+                        row.peak_mem_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                        row.note = "peak mem: process max RSS" + (" (grew)" if row.peak_mem_mib * 1024 > rss0 else "")
+                    rows.append(row)
+                    log(f"{backend} {precision} b{b}: {row.median_ms} ms, {row.images_per_s} img/s, "
+                        f"{row.tflops} TFLOP/s ({100 * (row.fraction_of_matmul or 0):.1f}% of matmul)")
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    import numpy
+    import onnxruntime
+
+    import boxseg
+
+    env = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "torch": torch.__version__,
+           "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "boxseg": boxseg.__version__,
+           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "tf32": False}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def markdown(rows: list[BenchRow]) -> str:
+    head = ("| model | backend | precision | batch | median ms | p90 ms | p99 ms | images/s | GFLOP/img | TFLOP/s "
+            "| matmul TFLOP/s | of matmul | peak MiB | status |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        f = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
+        frac = "-" if r.fraction_of_matmul is None else f"{100 * r.fraction_of_matmul:.1f}%"
+        lines.append(f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {f(r.median_ms)} | {f(r.p90_ms)} | "
+                     f"{f(r.p99_ms)} | {f(r.images_per_s)} | {f(r.gflop_per_image)} | {f(r.tflops)} | "
+                     f"{f(r.matmul_tflops)} | {frac} | {f(r.peak_mem_mib)} | {r.status} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[BenchRow], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(r.model, r.backend, r.precision) for r in rows if r.status == "ok"})
+    for k in keys:
+        pts = sorted((r.batch, r.images_per_s) for r in rows if (r.model, r.backend, r.precision) == k and r.status == "ok")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(k))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("images (or pairs) / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rows_to_dicts(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

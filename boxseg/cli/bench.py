@@ -1,0 +1,82 @@
+"""boxseg-bench: latency / throughput per backend, precision and batch; JSON lines, a markdown
+table and a plot, with the command, date, device and library versions."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+
+def _model(spec: str, preset: str, size: int | None):
+    from boxseg.config import preset as get_preset
+    from boxseg.data.classes import VOC_TARGET_CLASSES
+    from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
+
+    if spec in ("segnet1", "segnet2", "segnet2-5ch"):
+        cfg = get_preset(preset)
+        if spec == "segnet1":
+            meta = segnet1_meta(cfg.segnet1, VOC_TARGET_CLASSES)
+        else:
+            meta = segnet2_meta(cfg.segnet2, 5 if spec.endswith("5ch") else 4)
+        if size:
+            meta = {**meta, "input_size": size}
+        return build_model(meta).eval(), meta
+    from boxseg.models.meta import load_checkpoint_model
+
+    model, meta = load_checkpoint_model(spec)
+    return model, ({**meta, "input_size": size} if size else meta)
+
+
+@click.command()
+@click.option("--model", "spec", default="segnet1", show_default=True,
+              help="segnet1, segnet2, segnet2-5ch (random weights of --preset) or a checkpoint.")
+@click.option("--preset", default="paper", show_default=True, help="Network sizes for segnet1/segnet2.")
+@click.option("--size", type=int, help="Input side (default: the preset's: SegNet1 test_size, SegNet2 input_size).")
+@click.option("--backends", default="torch,torch-cl,onnxruntime", show_default=True,
+              help="Comma list of torch, torch-cl (channels_last), compile, aoti, onnxruntime, tensorrt.")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Comma list of batch sizes.")
+@click.option("--precision", "precisions", default="fp32", show_default=True, help="Comma list of fp32, fp16, bf16.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--iters", type=int, default=10, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
+@click.option("--tag", default=None, help="File name stem for the results (default: model_device).")
+def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag) -> None:
+    """Time the model; write TAG.jsonl, TAG.md and TAG.png into --out."""
+    import torch
+
+    from boxseg.bench import bench, environment, markdown, plot, rows_to_dicts
+    from boxseg.cli.train import resolve_device
+    from boxseg.data.files import write_bytes_atomic
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (stated in the results)
+        torch.backends.cudnn.allow_tf32 = False
+    model, meta = _model(spec, preset, size)
+    name = f"{Path(spec).stem if spec.endswith('.pt') else spec}@{meta['input_size']}"
+    rows = bench(model, meta, name, backends.split(","), precisions.split(","), [int(b) for b in batches.split(",")],
+                 dev, warmup, iters, log=lambda s: click.echo(s, err=True))
+    env = environment(dev)
+    command = "boxseg-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    tag = tag or f"{spec.replace('/', '_')}_{meta['input_size']}_{env.get('gpu', 'cpu').replace(' ', '-')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"command": command, **env, **r}) for r in rows_to_dicts(rows)]
+    write_bytes_atomic(out_dir / f"{tag}.jsonl", ("\n".join(lines) + "\n").encode())
+    header = (f"`{command}`  \n{env['date']}, device {env.get('gpu', env['cpu'])} ({env['device']}, "
+              f"{env['threads']} threads), torch {env['torch']}, onnxruntime {env['onnxruntime']}; "
+              f"TF32 off; FLOPs counted by torch.utils.flop_counter; 'of matmul' = achieved TFLOP/s over "
+              f"a same-dtype matrix product timed in the same run.\n\n")
+    table = markdown(rows)
+    write_bytes_atomic(out_dir / f"{tag}.md", (header + table + "\n").encode())
+    plot(rows, out_dir / f"{tag}.png", f"{name} on {env.get('gpu', env['cpu'])} ({env['date']})")
+    click.echo(table)
+    click.echo(f"results: {out_dir / tag}.{{jsonl,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
