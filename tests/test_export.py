@@ -164,8 +164,10 @@ def test_trt_missing_is_a_clear_error(tmp_path):
     assert r.exit_code == 4 and "TensorRT is not installed" in r.output and "pip install tensorrt" in r.output
 
 
-@pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (it cannot be installed in this workplace)")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
+@pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),
+                    reason=("tensorrt is not installed (pip install tensorrt; NVIDIA's wheels)" if not HAS_TRT else "")
+                    + ("; " if not HAS_TRT and not torch.cuda.is_available() else "")
+                    + ("no CUDA GPU (TensorRT needs one)" if not torch.cuda.is_available() else ""))
 def test_trt_engine_fp16_parity(world, tmp_path):
     meta = segnet2_meta(S2, 4)
     ckpt = _save(tmp_path / "s2.pt", meta, 0)
