@@ -113,3 +113,7 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
             click.echo(f"final round / full: {res['ratio_learned_full']:.3f}; "
                        f"gain over box-filled: {res.get('gain_over_box_points', float('nan')):+.1f} points")
         click.echo(f"results: {run_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
