@@ -50,6 +50,34 @@ def test_semi_uses_masks_of_exactly_the_listed_images(world, tmp_path):
                                             "--semi-list", str(lst), "--set", "baselines=[]"))
     assert r.exit_code == 0, r.output
     assert json.loads((out / "results.json").read_text())["semi_ids"] == ids[:3]
+    # the labels SegNet1 trains on: ground truth for exactly the listed images, proposals otherwise
+    import numpy as np
+    import torch
+
+    from boxseg.config import override, preset
+    from boxseg.train.alternate import Scheme, open_datasets, semi_indices
+
+    data = open_datasets(world.voc_root, world.coco_ann, world.coco_images, "train", "val", False, False)
+    cfg = override(override(preset("tiny"), "setting", "semi"), "semi_list", str(lst))
+    semi = semi_indices(cfg, data.train)
+    assert [data.train.id(i) for i in semi] == ids[:3]
+    scheme = Scheme(cfg, tmp_path / "scheme", data, torch.device("cpu"), log=lambda s: None)
+    label_of = scheme.target_labels(out / "proposals" / "target_r1", semi)
+    from boxseg.data.files import read_label
+
+    n_gt = 0
+    for i in range(len(data.train)):
+        item = data.train[i]
+        prop = read_label(out / "proposals" / "target_r1" / f"{item.id}.png", 21, item.mask.shape)
+        got = label_of(i)
+        if i in semi:
+            assert np.array_equal(got, item.mask)
+            n_gt += 1
+        else:
+            assert np.array_equal(got, prop)
+    assert n_gt == 3
+    assert sum(not np.array_equal(data.train[i].mask, read_label(out / "proposals" / "target_r1" / f"{ids[i]}.png", 21,
+                                                                   data.train[i].mask.shape)) for i in semi) > 0
 
 
 def test_bad_flags_are_clear(world, tmp_path):
