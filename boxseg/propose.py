@@ -43,10 +43,6 @@ Model = Callable[[torch.Tensor], torch.Tensor]  # float (B, C, S, S) -> logits (
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-class NonFiniteOutput(RuntimeError):
-    """A network produced NaN/inf (e.g. fp16 overflow); nothing is written for that image."""
-
-
 class _Decoded(Dataset):
     """Worker side: decode, letterbox, box pixel ranges on the canvas. Errors are returned
     as records (not raised in the worker) so the main process reports them with the file."""
@@ -159,7 +155,9 @@ def propose(segnet2: Model, segnet1: Model | None, images: ImageSet, out_dir: Pa
     def finish(i: int) -> None:
         st = pending.pop(i)
         rec = st.rec
-        probs = np.stack([st.probs[c] for c in rec["classes"]])
+        lb: Letterbox = rec["lb"]
+        probs = (np.stack([st.probs[c] for c in rec["classes"]]) if rec["classes"]
+                 else np.zeros((0, lb.h, lb.w), np.float32))  # an image without boxes: all background
         futures.append(pool.submit(_write_image, out_dir, rec, probs, cfg, instances))
         run.written += 1
         bar.update(1)
@@ -249,9 +247,8 @@ def _done(out_dir: Path, sample_id: str, instances: bool) -> bool:
 
 def _write_image(out_dir: Path, rec: dict, probs: np.ndarray, cfg: ProposalConfig, instances: bool) -> None:
     """Merge and write one image's outputs; the PNG goes last since its presence marks the image done."""
-    lb: Letterbox = rec["lb"]
     if not rec["classes"]:
-        label = np.zeros((lb.h, lb.w), np.uint8)
+        label = np.zeros(probs.shape[1:], np.uint8)
     else:
         label = merge_foreground(probs, rec["classes"], rec["boxes"], rec["labels"], cfg.threshold, cfg.margin,
                                  cfg.class_margin, cfg.merge)

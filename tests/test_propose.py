@@ -232,3 +232,24 @@ def test_killed_run_rerun_is_byte_identical_and_never_truncated(world, tmp_path)
     assert len(match) == total and not mismatch and not errors
     # a write cut by the kill can leave only a hidden temporary file, never a visible partial one
     assert all(p.name.startswith(".") for p in out.iterdir() if p.suffix == ".tmp")
+
+
+def test_image_without_boxes_is_all_background(tmp_path):
+    from types import SimpleNamespace
+
+    class NoBoxes:
+        ids = ["empty"]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return SimpleNamespace(image=np.zeros((40, 50, 3), np.uint8), boxes=np.zeros((0, 4), np.float32),
+                                   labels=np.zeros(0, np.int64), mask=None)
+
+    run = propose(_model(segnet2_meta(S2, 4), 0), None, ImageSet(NoBoxes(), NUM_VOC_CLASSES), tmp_path, S2.input_size,
+                  ProposalConfig(), torch.device("cpu"), instances=True)
+    assert (run.written, run.pairs) == (1, 0)
+    label = np.array(Image.open(tmp_path / "empty.png"))
+    assert label.shape == (40, 50) and not label.any()
+    assert json.loads((tmp_path / "instances" / "empty.json").read_text()) == []
