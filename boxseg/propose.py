@@ -27,7 +27,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from boxseg.config import ProposalConfig
@@ -35,9 +34,10 @@ from boxseg.data.boxes import box_pixel_range
 from boxseg.data.coco import encode_rle
 from boxseg.data.files import write_bytes_atomic, write_label_png
 from boxseg.data.images import ImageSet
-from boxseg.data.transforms import MEAN_U8, Letterbox, letterbox, letterbox_params, normalize, unletterbox
+from boxseg.data.transforms import MEAN_U8, Letterbox, letterbox, letterbox_params, unletterbox
 from boxseg.errors import BadInputLog, DataError
 from boxseg.proposals import instance_masks, merge_foreground
+from boxseg.train.segnet2 import segnet2_inputs
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # float (B, C, S, S) -> logits (B, K, S/s, S/s)
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -166,16 +166,12 @@ def propose(segnet2: Model, segnet1: Model | None, images: ImageSet, out_dir: Pa
         tm = time.perf_counter()
         order = list(dict.fromkeys(i for i, _ in pairs))         # the batch's images, each once
         pos = {i: k for k, i in enumerate(order)}
-        x = normalize(torch.from_numpy(np.stack([pending[i].rec["canvas"] for i in order])).to(device))
+        canvases = torch.from_numpy(np.stack([pending[i].rec["canvas"] for i in order])).to(device)
         img_idx = torch.tensor([pos[i] for i, _ in pairs], device=device)
         cls = torch.tensor([m for _, m in pairs], device=device)
         ranges = [pending[i].rec["ranges"][pending[i].rec["labels"] == m] for i, m in pairs]
-        chans = [x[img_idx], box_masks(ranges, size, device)[:, None]]
         with autocast_for(device, precision):
-            if segnet1 is not None:
-                s1 = F.interpolate(segnet1(x).float(), size=(size, size), mode="bilinear", align_corners=False).softmax(1)
-                chans.append(s1[img_idx, cls][:, None])
-            logits = segnet2(torch.cat(chans, 1))
+            logits = segnet2(segnet2_inputs(canvases, box_masks(ranges, size, device), cls, segnet1, img_idx))
         fg = logits.float().softmax(1)[:, 1]
         bad = ~torch.isfinite(fg.flatten(1)).all(1)
         for k in bad.nonzero().flatten().tolist():
