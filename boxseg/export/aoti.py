@@ -11,7 +11,7 @@ import torch
 
 from boxseg.data.files import atomic_path
 from boxseg.errors import DataError
-from boxseg.export.common import example_inputs, parity, parity_ok, write_sidecar
+from boxseg.export.common import example_inputs, export_parity, write_sidecar
 from boxseg.predictor import Predictor
 
 
@@ -33,10 +33,8 @@ def export_aoti(model: torch.nn.Module, meta: dict, path: Path, device: torch.de
     precision = "fp16" if fp16 else "fp32"
     with torch.no_grad():
         ref = model(x)
-    out = AotiPredictor(path, meta, device, precision)(x)
-    p = parity(ref, out, meta["kind"])
-    p.update({"checked_on": f"AOTInductor {device.type}", "batch": 2, "inputs": "random (seeded)",
-              "passed": parity_ok(p, precision)})
+    out = AotiPredictor(path, {**meta, "precision": precision}, device, precision)(x)  # the package's dtype
+    p = export_parity(ref, out, meta["kind"], precision, f"AOTInductor {device.type}", len(x))
     art = {**meta, "artifact": "aoti", "precision": precision, "device": device.type, "max_batch": max_batch,
            "parity": p}
     write_sidecar(path, art)

@@ -56,5 +56,12 @@ def parity_ok(p: dict, precision: str) -> bool:
     return p["label_agreement"] >= 0.995 and p.get("mask_iou", 1.0) >= 0.99
 
 
+def export_parity(ref: torch.Tensor, out: torch.Tensor, kind: str, precision: str, checked_on: str, batch: int) -> dict:
+    """The parity record stored with an artifact: the measures, where and how, and the verdict."""
+    p = parity(ref, out, kind)
+    p.update({"checked_on": checked_on, "batch": batch, "inputs": "random (seeded)", "passed": parity_ok(p, precision)})
+    return p
+
+
 def to_numpy(x: torch.Tensor, dtype) -> np.ndarray:
     return x.detach().cpu().numpy().astype(dtype, copy=False)

@@ -11,7 +11,7 @@ import torch
 
 from boxseg.data.files import atomic_path
 from boxseg.errors import DataError
-from boxseg.export.common import example_inputs, parity, parity_ok, write_sidecar
+from boxseg.export.common import example_inputs, export_parity, write_sidecar
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -47,9 +47,7 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, fp16: bool = Fal
     from boxseg.export.ort import OrtPredictor
 
     out = OrtPredictor(path, meta, torch.device("cpu"), precision)(x)
-    p = parity(ref, out, meta["kind"])
-    p.update({"checked_on": "onnxruntime CPUExecutionProvider", "batch": batch, "inputs": "random (seeded)",
-              "passed": parity_ok(p, precision)})
+    p = export_parity(ref, out, meta["kind"], precision, "onnxruntime CPUExecutionProvider", batch)
     art = {**meta, "artifact": "onnx", "precision": precision, "opset": opset, "dynamic_batch": dynamic_batch,
            "dynamic_size": dynamic_size,
            "input_name": INPUT, "output_name": OUTPUT, "parity": p}
