@@ -130,10 +130,19 @@ def make_runner(backend: str, model: torch.nn.Module, meta: dict, precision: str
         pred = AotiPredictor(path, {**meta, "precision": precision}, device, precision)
         return lambda: pred(x)
     if backend == "tensorrt":
-        from boxseg.export.trt import import_tensorrt
+        from boxseg.export.onnx import export_onnx
+        from boxseg.export.trt import TrtPredictor, build_engine, import_tensorrt
 
-        import_tensorrt()
-        raise RuntimeError("tensorrt: build engines with boxseg-export --trt and pass the .engine as --model")
+        import_tensorrt()  # says how to install it when missing
+        if precision == "bf16":
+            raise RuntimeError("tensorrt: no bf16 engine here")
+        onnx_path = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}.onnx"
+        if not onnx_path.exists():
+            export_onnx(model, meta, onnx_path, fp16=precision == "fp16")
+        engine = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}_b{batch}.engine"
+        build_engine(onnx_path, meta, engine, precision == "fp16", batch)
+        pred = TrtPredictor(engine, meta, device, precision)
+        return lambda: pred(x)
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -157,7 +166,6 @@ def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], pr
                     try:
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(device)
-                        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             run = make_runner(backend, model, meta, precision, device, b, Path(tmp))
@@ -176,7 +184,7 @@ def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], pr
                         row.peak_mem_mib = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                     else:
                         row.peak_mem_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-                        row.note = "peak mem: process max RSS" + (" (grew)" if row.peak_mem_mib * 1024 > rss0 else "")
+                        row.note = "peak mem: the process's max RSS so far"
                     rows.append(row)
                     log(f"{backend} {precision} b{b}: {row.median_ms} ms, {row.images_per_s} img/s, "
                         f"{row.tflops} TFLOP/s ({100 * (row.fraction_of_matmul or 0):.1f}% of matmul)")

@@ -57,7 +57,13 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (stated in the results)
         torch.backends.cudnn.allow_tf32 = False
-    model, meta = _model(spec, preset, size)
+    from boxseg.errors import DataError
+
+    try:
+        model, meta = _model(spec, preset, size)
+    except (DataError, KeyError) as e:
+        click.echo(f"error: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
+        sys.exit(2)
     name = f"{Path(spec).stem if spec.endswith('.pt') else spec}@{meta['input_size']}"
     rows = bench(model, meta, name, backends.split(","), precisions.split(","), [int(b) for b in batches.split(",")],
                  dev, warmup, iters, log=lambda s: click.echo(s, err=True))
