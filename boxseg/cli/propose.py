@@ -43,14 +43,9 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
     from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 
     if voc_root is None:
-        from boxseg.cli.train import synth_cache_dir
-        from boxseg.data.synth import SIZES, world_paths, write_synth
+        from boxseg.cli.train import synth_world
 
-        cache = synth_cache_dir("tiny", 0)
-        if not (cache / "synth.json").exists():
-            click.echo(f"building the synthetic world (tiny, seed 0) in {cache}", err=True)
-            write_synth(cache, seed=0, size=SIZES["tiny"])
-        voc_root = world_paths(cache)[2]
+        voc_root = synth_world("tiny", 0)[2]
     ds = VOCDataset(voc_root, split, skip_bad=skip_bad, log=log)
     return Target(ImageSet(ds, NUM_VOC_CLASSES), list(VOC_CLASSES), VOC_TARGET_CLASSES.coco_ids,
                   {"voc_root": str(voc_root), "split": split}, None)

@@ -26,6 +26,19 @@ def synth_cache_dir(size: str, seed: int) -> Path:
     return root / "synth" / f"{size}-seed{seed}"
 
 
+def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
+    """(coco_images, coco_ann, voc_root) of the cached synthetic world, built by rank 0 if missing."""
+    from boxseg.data.synth import size_preset, world_paths, write_synth
+    from boxseg.train import dist
+
+    cache = synth_cache_dir(size, seed)
+    if not (cache / "synth.json").exists() and dist.is_main():
+        click.echo(f"building the synthetic world ({size}, seed {seed}) in {cache}", err=True)
+        write_synth(cache, seed=seed, size=size_preset(size))
+    dist.barrier()
+    return world_paths(cache)
+
+
 @click.command()
 @click.option("--preset", "preset_name", default=None,
               help="paper (METHOD.md's figures) or tiny (CPU demo). Default: tiny on the synthetic world, paper on real data.")
@@ -47,7 +60,6 @@ def synth_cache_dir(size: str, seed: int) -> Path:
 def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, coco_images, semi_list, semi_fraction,
          device, run_dir, resume, skip_bad, deterministic) -> None:
     """Train SegNet2 and SegNet1 in alternating rounds, plus the baselines, and print the table."""
-    from boxseg.data.synth import size_preset, write_synth, world_paths
     from boxseg.train import dist
     from boxseg.train.alternate import Scheme, open_datasets, prepare_run, results_table
 
@@ -83,12 +95,7 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg.data.voc_root is None:
-        cache = synth_cache_dir(cfg.data.synth_size, cfg.data.synth_seed)
-        if not (cache / "synth.json").exists() and dist.is_main():
-            click.echo(f"building the synthetic world ({cfg.data.synth_size}, seed {cfg.data.synth_seed}) in {cache}")
-            write_synth(cache, seed=cfg.data.synth_seed, size=size_preset(cfg.data.synth_size))
-        dist.barrier()
-        coco_images_p, coco_ann_p, voc_root_p = world_paths(cache)
+        coco_images_p, coco_ann_p, voc_root_p = synth_world(cfg.data.synth_size, cfg.data.synth_seed)
     else:
         voc_root_p, coco_ann_p, coco_images_p = Path(cfg.data.voc_root), Path(cfg.data.coco_ann), Path(cfg.data.coco_images)
     try:
