@@ -36,6 +36,7 @@ from boxseg.data.files import write_bytes_atomic, write_label_png
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8, Letterbox, letterbox, letterbox_params, unletterbox
 from boxseg.errors import BadInputLog, DataError
+from boxseg.faults import failpoint
 from boxseg.proposals import instance_masks, merge_foreground
 from boxseg.train.segnet2 import segnet2_inputs
 
@@ -186,6 +187,7 @@ def propose(segnet2: Model, segnet1: Model | None, images: ImageSet, out_dir: Pa
                 pending[i].probs[pairs[k][1]] = mp
         run.pairs += len(pairs)
         run.model_seconds += time.perf_counter() - tm
+        failpoint("propose.batch")
         failed_ids = {f["id"] for f in run.failed}
         for i in order:
             st = pending.get(i)

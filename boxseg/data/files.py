@@ -15,6 +15,7 @@ from PIL import Image
 
 from boxseg.data.classes import IGNORE, voc_palette
 from boxseg.errors import DataError
+from boxseg.faults import failpoint
 
 
 def resolve_inside(root: Path, relative: str, source: str | Path) -> Path:
@@ -119,6 +120,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        failpoint(f"write:{path.name}")
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

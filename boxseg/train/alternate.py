@@ -27,6 +27,7 @@ from boxseg.data.files import write_bytes_atomic
 from boxseg.data.images import ImageSet
 from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.errors import BadInputLog, DataError
+from boxseg.faults import failpoint
 from boxseg.inference import evaluate_segnet1, gt_reader, label_reader, score_label_dir, write_baseline
 from boxseg.propose import propose
 from boxseg.train import dist
@@ -147,6 +148,7 @@ class Scheme:
                                               label_reader(src_dir, self.data.source), SOURCE_CLASSES)
                 self.results["source_proposal_miou_r1"] = score_label_dir(src_dir, self.data.source)[0].miou
             else:
+                failpoint(f"round:{r}")
                 segnet2 = train_segnet2(self.stage(f"segnet2_r{r}", c2.iters_next, c2.batch), self.data.source, c2,
                                         self.seed(f"segnet2_r{r}"), self.device, init=segnet2,
                                         segnet1=source_segnet1, amp=cfg.amp, progress=self.progress)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from boxseg.faults import failpoint
 from boxseg.train import dist
 from boxseg.train.checkpoint import load_state_file, save_checkpoint
 
@@ -115,6 +116,7 @@ def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optim
         loss.backward()
         optimizer.step()
         scheduler.step()
+        failpoint(f"step:{stage.name}")
         done = it + 1
         rows.append({"iteration": done, "loss": round(float(loss_value), 6),
                      "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)})
