@@ -27,16 +27,27 @@ class BadInputLog:
     """What was skipped under `--skip-bad`, and what was repaired (clipped boxes)."""
 
     skipped: list[dict] = field(default_factory=list)
-    clipped_boxes: int = 0
+    clipped: dict[str, int] = field(default_factory=dict)   # annotation file -> boxes clipped in it
 
     def skip(self, err: DataError, item: str | None = None) -> None:
         self.skipped.append({"item": item, "path": err.path, "problem": err.problem})
+
+    def clip(self, path: str | Path, n: int) -> None:
+        """Record that `n` boxes of `path` were clipped to the image (once per file, however
+        many split lists name it)."""
+        if n:
+            self.clipped[str(path)] = n
+
+    @property
+    def clipped_boxes(self) -> int:
+        return sum(self.clipped.values())
 
     def to_dict(self) -> dict:
         return {
             "skipped_count": len(self.skipped),
             "skipped": list(self.skipped),
             "clipped_boxes": self.clipped_boxes,
+            "clipped_files": dict(self.clipped),
         }
 
     def summary(self) -> str:

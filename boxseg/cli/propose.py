@@ -165,6 +165,7 @@ def _merge_manifest(out_dir: Path, world: int, head: dict) -> dict:
     parts = [json.loads((out_dir / f"manifest.rank{r}.json").read_text()) for r in range(world)]
     runs = [p["run"] for p in parts]
     skipped = [s for p in parts for s in p["bad_input"]["skipped"]]
+    clipped = {f: n for p in parts for f, n in p["bad_input"].get("clipped_files", {}).items()}
     failed = [f for r in runs for f in r["failed"]]
     secs = max(r["seconds"] for r in runs)
     written = sum(r["written"] for r in runs)
@@ -177,7 +178,7 @@ def _merge_manifest(out_dir: Path, world: int, head: dict) -> dict:
         timing["images_per_s"] = round(written / secs, 2)
         timing["pairs_per_s"] = round(counts["pairs"] / secs, 2)
     return {**head, "counts": counts, "timing": timing, "skipped_files": skipped, "failed": failed,
-            "clipped_boxes": max(p["bad_input"]["clipped_boxes"] for p in parts)}
+            "clipped_boxes": sum(clipped.values()), "clipped_files": clipped}
 
 
 def _quality(out_dir: Path, target: Target, instances: bool) -> dict:

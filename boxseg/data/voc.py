@@ -185,7 +185,7 @@ class VOCDataset:
         names = [VOC_CLASSES[c] for c in ann.labels]
         check_boxes(ann.boxes, hw[1], hw[0], xml, names)
         ann.boxes, n = clip_boxes(ann.boxes, hw[1], hw[0])
-        self.log.clipped_boxes += n
+        self.log.clip(xml, n)
 
     def _decode(self, entry: _Entry) -> VOCSample:
         image = read_image(entry.image)
