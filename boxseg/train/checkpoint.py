@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ def load_state_file(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):
+            raise DataError(path, "cannot read checkpoint: not a torch checkpoint archive (corrupt, truncated "
+                                  "or another format)") from None
         raise DataError(path, f"refused: not a plain weights file (weights_only load failed: {str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise DataError(path, f"cannot read checkpoint: {str(e).splitlines()[0]}") from None
