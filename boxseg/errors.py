@@ -22,6 +22,17 @@ class DataError(Exception):
         return (DataError, (self.path, self.problem))
 
 
+class NonFiniteOutput(RuntimeError):
+    """A network gave NaN or infinite outputs (fp16 overflow, broken weights): nothing is
+    scored or written from them."""
+
+    def __init__(self, ids: list[str], precision: str):
+        self.ids = list(ids)
+        super().__init__(f"non-finite network output at {precision} for {len(ids)} image(s) "
+                         f"({', '.join(self.ids[:5])}{' ...' if len(ids) > 5 else ''}); overflow? "
+                         f"try --precision fp32 or bf16. No score is reported from these outputs.")
+
+
 @dataclass
 class BadInputLog:
     """What was skipped under `--skip-bad`, and what was repaired (clipped boxes)."""

@@ -12,6 +12,7 @@ import torch
 from boxseg.data.files import read_label, write_label_png
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8, letterbox, letterbox_params, normalize, unletterbox
+from boxseg.errors import NonFiniteOutput
 from boxseg.metrics import ConfusionMatrix, SegScores
 
 
@@ -59,10 +60,16 @@ def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.devi
     if isinstance(model, torch.nn.Module):
         model.eval()
     conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
+    bad: list[str] = []
     for idx in tqdm(list(_chunks(len(images), batch)), desc="eval", disable=not progress, leave=False):
         items = [images[i] for i in idx]
         for item, p in zip(items, segnet1_probs(model, [it.image for it in items], test_size, device, scales, flip)):
+            if not torch.isfinite(p).all():  # argmax of NaN would be a silent wrong answer
+                bad.append(item.id)
+                continue
             conf.update(p.argmax(0), torch.from_numpy(item.mask))
+    if bad:
+        raise NonFiniteOutput(bad, getattr(model, "precision", "fp32"))
     return conf.scores()
 
 

@@ -61,7 +61,7 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, batch, precision, 
     """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""
     from boxseg.cli.propose import open_target
     from boxseg.cli.train import resolve_device
-    from boxseg.errors import BadInputLog, DataError
+    from boxseg.errors import BadInputLog, DataError, NonFiniteOutput
     from boxseg.metrics import ConfusionMatrix
 
     if (model_path is None) == (prop_dir is None):
@@ -97,6 +97,9 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, batch, precision, 
     except DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except NonFiniteOutput as e:
+        click.echo(f"error: {model_path}: {e}", err=True)
+        sys.exit(3)
     res.update(scores.to_dict(target.names))
     res["seconds"] = round(time.perf_counter() - t0, 3)
     res["bad_input"] = log.to_dict()

@@ -49,7 +49,8 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
             ok = "PASS" if p["passed"] else "FAIL"
             line += (f"; parity vs PyTorch ({p['checked_on']}): {ok}, max|diff| {p['max_abs_diff']:.3g} "
                      f"(x{p['rel_diff']:.2g} of max|ref|), labels identical {100 * p['label_agreement']:.2f}%"
-                     + (f", mask IoU {p['mask_iou']:.4f}" if "mask_iou" in p else ""))
+                     + (f", mask IoU {p['mask_iou']:.4f}" if "mask_iou" in p else "")
+                     + (f", NON-FINITE outputs {p['non_finite']} (overflow?)" if p.get("non_finite") else ""))
             failed = failed or not p["passed"]
         click.echo(line)
 

@@ -104,22 +104,20 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     except DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    part = {"rank": rank, "run": run, "bad_input": log.to_dict()}
+    # each rank's part travels to rank 0 through the process group, not through files in --out,
+    # so two runs sharing a folder cannot read or delete each other's parts
+    parts = dist.gather({"rank": rank, "run": run, "bad_input": log.to_dict()})
+    if rank != 0:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     from boxseg.data.files import write_bytes_atomic
 
-    write_bytes_atomic(out_dir / f"manifest.rank{rank}.json", json.dumps(part).encode())
-    dist.barrier()
-    if rank != 0:
-        return
-    manifest = _merge_manifest(out_dir, world, {**info, "method": method, "config": dataclasses.asdict(cfg),
+    manifest = _merge_manifest(out_dir, parts, {**info, "method": method, "config": dataclasses.asdict(cfg),
                                                 "data": target.describe, "precision": precision, "device": str(dev),
                                                 "world_size": world, "versions": _versions(),
                                                 "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     manifest["quality"] = _quality(out_dir, target, instances)
     write_bytes_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
-    for r in range(world):
-        (out_dir / f"manifest.rank{r}.json").unlink(missing_ok=True)
     _report(manifest, out_dir)
     if manifest["counts"]["failed"]:
         sys.exit(3)
@@ -161,8 +159,7 @@ def _baseline(method, target: Target, out_dir, fraction, shard):
                                                "pairs": 0, "failed": [], "seconds": round(secs, 3)}
 
 
-def _merge_manifest(out_dir: Path, world: int, head: dict) -> dict:
-    parts = [json.loads((out_dir / f"manifest.rank{r}.json").read_text()) for r in range(world)]
+def _merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
     runs = [p["run"] for p in parts]
     skipped = [s for p in parts for s in p["bad_input"]["skipped"]]
     clipped = {f: n for p in parts for f, n in p["bad_input"].get("clipped_files", {}).items()}

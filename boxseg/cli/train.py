@@ -92,6 +92,14 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
 
     dev = resolve_device(cfg.device)
     dist.init_from_env(dev)
+    if dist.is_main():  # one trainer per run folder: a second one would interleave its checkpoints
+        from boxseg.data.files import lock_folder
+
+        try:
+            lock = lock_folder(run_dir, "boxseg-train")  # noqa: F841  (held until the process ends)
+        except DataError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg.data.voc_root is None:
@@ -106,7 +114,11 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
         sys.exit(2)
     if data.log.skipped and dist.is_main():
         click.echo(data.log.summary(), err=True)
-    prepare_run(cfg, run_dir)
+    try:
+        prepare_run(cfg, run_dir)
+    except DataError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     scheme = Scheme(cfg, run_dir, data, dev, progress=sys.stderr.isatty())
     from boxseg.train.loop import TrainingDiverged
     try:

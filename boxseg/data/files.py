@@ -129,6 +129,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def lock_folder(folder: Path, what: str):
+    """Take an exclusive lock on `folder/.lock` for the life of the process (the returned file
+    object holds it; the OS releases it when the process ends, killed or not). A second
+    process gets a DataError naming the holder's pid."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise DataError(folder, f"in use by another {what} (pid {holder}); wait for it or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

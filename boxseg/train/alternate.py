@@ -229,7 +229,40 @@ def results_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+# Fields a resumed run may change: the first three do not change what is computed; a learning
+# rate (lowered after the loss diverged, say) applies to the stages not yet finished, and
+# each stage's metrics.csv records the rate it used at every iteration.
+RESUMABLE_CHANGES = {"workers", "device", "checkpoint_every", "segnet1.lr", "segnet2.lr"}
+
+
 def prepare_run(cfg: TrainConfig, run_dir: Path) -> None:
+    """Create the run folder and write config.yaml. Resuming a run whose config.yaml differs
+    (other than in RESUMABLE_CHANGES) is refused: the finished stages were trained with the
+    old settings, and a mixture would be reported as either."""
+    import yaml
+
+    from boxseg.config import to_dict
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    if path.exists():
+        try:
+            old = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise DataError(path, f"malformed YAML: {e}") from None
+        new = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # tuples as YAML lists
+        changed = sorted(_changed_fields(old, new) - RESUMABLE_CHANGES)
+        if changed:
+            raise DataError(path, f"this run was started with other settings ({', '.join(changed)}); resume with "
+                                  f"the same settings, or start a new run with another --out")
     if dist.is_main():
-        save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, path)
+
+
+def _changed_fields(old, new, prefix: str = "") -> set[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: set[str] = set()
+        for k in set(old) | set(new):
+            out |= _changed_fields(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return set() if old == new else {prefix.rstrip(".")}

@@ -46,3 +46,13 @@ def mean(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if rank_world()[1] > 1:
         tdist.barrier()
+
+
+def gather(obj: object) -> list:
+    """Every rank's `obj`, in rank order (on every rank); [obj] in one process."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    tdist.all_gather_object(out, obj)
+    return out

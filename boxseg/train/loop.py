@@ -86,10 +86,17 @@ def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optim
     if stage.last.exists():
         state = load_state_file(stage.last)
         model.load_state_dict(state["model"])
+        fresh = list(scheduler.base_lrs)  # from the current config
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["iteration"])
         log(f"[{stage.name}] resuming at iteration {start}/{stage.iters}")
+        if fresh != scheduler.base_lrs:  # e.g. lowered after the loss diverged: the new rate applies from here
+            log(f"[{stage.name}] learning rate changed since the checkpoint: {scheduler.base_lrs[0]:g} -> {fresh[0]:g}")
+            scheduler.base_lrs = fresh
+            for group, base in zip(optimizer.param_groups, fresh):
+                group["initial_lr"] = base
+                group["lr"] = base * poly_lambda(stage.iters)(start)
     train_model = dist.wrap(model, device)
     train_model.train()
     rank, world = dist.rank_world()

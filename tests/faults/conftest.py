@@ -8,6 +8,7 @@ a run that collected this folder, and written to $BOXSEG_FAULT_TALLY (JSON) when
 from __future__ import annotations
 
 import csv
+import filecmp
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+import pytest
+import torch
 from PIL import Image
 
 from boxseg.faults import ENV as FAILPOINT_ENV
@@ -98,3 +101,46 @@ def assert_no_partial_files(root: Path) -> list[Path]:
 
             onnx.checker.check_model(str(p))
     return leftovers
+
+
+# boxseg-train on the session's small world: 2 rounds, a few iterations per stage, checkpoints
+# every 2 iterations, deterministic (bitwise reproducible on CPU).
+FAST = ["--preset", "tiny", "--rounds", "2", "--deterministic", "--set", "baselines=[]",
+        "--set", "segnet1.iters=5", "--set", "segnet2.iters=5", "--set", "segnet2.iters_next=4",
+        "--set", "checkpoint_every=2", "--set", "segnet1.batch=4", "--set", "segnet2.batch=4"]
+
+
+def train_args(world, out: Path, *extra) -> list:
+    return ["--voc-root", world.voc_root, "--coco-ann", world.coco_ann, "--coco-images", world.coco_images,
+            "--out", out, *FAST, *extra]
+
+
+@pytest.fixture(scope="session")
+def reference_run(world, tmp_path_factory) -> Path:
+    """An uninterrupted run to compare killed-and-resumed runs with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = run_cli("train", *train_args(world, out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_same_run(ref: Path, out: Path) -> None:
+    """Same stages with bitwise-equal weights, byte-identical proposal PNGs, equal round results."""
+    from boxseg.train.checkpoint import load_state_file as _load
+
+    stages = sorted(p.parent.name for p in (ref / "stages").glob("*/final.pt"))
+    assert stages == sorted(p.parent.name for p in (out / "stages").glob("*/final.pt"))
+    assert len(stages) == 5  # segnet2_r1, segnet1_source, segnet1_r1, segnet2_r2, segnet1_r2
+    for s in stages:
+        a = _load(ref / "stages" / s / "final.pt")["model"]
+        b = _load(out / "stages" / s / "final.pt")["model"]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{s}: weights differ from the uninterrupted run"
+        assert not (out / "stages" / s / "last.pt").exists()
+    for d in sorted(p for p in (ref / "proposals").iterdir() if p.is_dir()):
+        names = sorted(p.name for p in d.glob("*.png"))
+        assert names and names == sorted(p.name for p in (out / "proposals" / d.name).glob("*.png"))
+        match, mismatch, errors = filecmp.cmpfiles(d, out / "proposals" / d.name, names, shallow=False)
+        assert not mismatch and not errors, (d.name, mismatch, errors)
+    a, b = (json.loads((p / "results.json").read_text()) for p in (ref, out))
+    assert a["rounds"] == b["rounds"]

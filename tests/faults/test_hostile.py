@@ -25,7 +25,7 @@ from boxseg.export.onnx import export_onnx
 from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
 from boxseg.train.checkpoint import save_checkpoint
 
-from .conftest import run_cli
+from .conftest import run_cli, train_args as _train_args
 
 S2 = SegNet2Config(widths=(16, 16, 24, 24), blocks=1, bottom_blocks=1, stem_channels=8, input_size=96)
 S1 = SegNet1Config(width=0.125, batch_norm=True, dropout=0.0, convs_per_block=(1, 1, 1, 1, 1), fc6_dilation=2,
@@ -169,8 +169,6 @@ def test_hostile_file_is_refused_before_inference(world, files, tmp_path, case):
 def test_training_refuses_a_hostile_resume_checkpoint(world, files, tmp_path):
     """A run's last.pt swapped for a pickle that runs code: --resume refuses it, names it and
     does not fall back to weights_only=False (the payload never runs)."""
-    from .test_kills import _train_args
-
     out = tmp_path / "run"
     r = run_cli("train", *_train_args(world, out), failpoint="step:segnet2_r1@3")
     assert r.returncode == -signal.SIGKILL
