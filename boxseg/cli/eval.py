@@ -9,32 +9,7 @@ from pathlib import Path
 
 import click
 
-
-def confusion_png(mat, names: list[str], path: Path, title: str) -> None:
-    """Row-normalised confusion matrix (rows: ground truth) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from boxseg.data.files import atomic_path
-
-    m = np.asarray(mat, dtype=np.float64)
-    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(0.38 * n + 2.5, 0.38 * n + 2))
-    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+from boxseg.report.plots import confusion_png
 
 
 def iou_table(names: list[str], iou: list) -> str:

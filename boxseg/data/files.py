@@ -106,6 +106,15 @@ def read_list(path: Path) -> list[str]:
     return ids
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # read once at import: os.umask is process-wide and writes run in threads
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
@@ -123,6 +132,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         failpoint(f"write:{path.name}")
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
