@@ -4,7 +4,7 @@ scoring a label folder against ground truth (SegNet2 proposals: boxseg.propose).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8, letterbox, letterbox_params, normalize, unletterbox
 from boxseg.errors import NonFiniteOutput
 from boxseg.metrics import ConfusionMatrix, SegScores
+
+if TYPE_CHECKING:
+    from boxseg.crf import CRFParams
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -53,8 +56,9 @@ def segnet1_probs(model, images: list[np.ndarray], test_size: int, device: torch
 
 def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.device, batch: int = 16,
                      scales: tuple[float, ...] = (1.0,), flip: bool = False, progress: bool = False,
-                     conf: ConfusionMatrix | None = None) -> SegScores:
-    """mIoU of SegNet1 (a module or a Predictor) over a split with ground truth."""
+                     conf: ConfusionMatrix | None = None, crf: "CRFParams | None" = None) -> SegScores:
+    """mIoU of SegNet1 (a module or a Predictor) over a split with ground truth; with `crf`,
+    each image's probabilities are refined by boxseg.crf.dense_crf first."""
     from tqdm import tqdm
 
     if isinstance(model, torch.nn.Module):
@@ -67,6 +71,10 @@ def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.devi
             if not torch.isfinite(p).all():  # argmax of NaN would be a silent wrong answer
                 bad.append(item.id)
                 continue
+            if crf is not None:
+                from boxseg.crf import dense_crf
+
+                p = dense_crf(p.to(device), torch.from_numpy(item.image).to(device), crf).cpu()
             conf.update(p.argmax(0), torch.from_numpy(item.mask))
     if bad:
         raise NonFiniteOutput(bad, getattr(model, "precision", "fp32"))

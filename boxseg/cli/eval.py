@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -27,12 +28,14 @@ def iou_table(names: list[str], iou: list) -> str:
 @click.option("--split", default=None, help="Split list (default: val for --model, train for --proposals).")
 @click.option("--flip", is_flag=True, help="Average with the mirrored image.")
 @click.option("--scales", default="1", show_default=True, help="Comma list of test scales, averaged (e.g. 0.75,1,1.25).")
+@click.option("--crf", is_flag=True, help="Refine with boxseg's dense CRF (DeepLab's kernels in an 11x11 window, "
+              "10 mean-field iterations; boxseg.crf).")
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
 @click.option("--skip-bad", is_flag=True)
-def main(model_path, prop_dir, voc_root, split, flip, scales, batch, precision, device, out_dir, skip_bad) -> None:
+def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precision, device, out_dir, skip_bad) -> None:
     """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""
     from boxseg.cli.propose import open_target
     from boxseg.cli.train import resolve_device
@@ -41,6 +44,8 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, batch, precision, 
 
     if (model_path is None) == (prop_dir is None):
         raise click.UsageError("give exactly one of --model and --proposals")
+    if crf and prop_dir is not None:
+        raise click.UsageError("--crf refines a model's probabilities; proposal folders hold labels only")
     try:
         scale_list = tuple(float(s) for s in scales.split(","))
     except ValueError:
@@ -61,9 +66,13 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, batch, precision, 
             if pred.meta["num_classes"] != target.images.num_classes:
                 raise DataError(model_path, f"predicts {pred.meta['num_classes']} classes; the split has "
                                             f"{target.images.num_classes}")
+            from boxseg.crf import CRFParams
+
+            crf_params = CRFParams() if crf else None
             scores = evaluate_segnet1(pred, target.images, pred.meta["input_size"], dev, batch, scale_list, flip,
-                                      progress=sys.stderr.isatty(), conf=conf)
-            res.update({"model": str(model_path), "predictor": pred.describe(), "scales": list(scale_list), "flip": flip})
+                                      progress=sys.stderr.isatty(), conf=conf, crf=crf_params)
+            res.update({"model": str(model_path), "predictor": pred.describe(), "scales": list(scale_list), "flip": flip,
+                        "crf": dataclasses.asdict(crf_params) if crf_params else None})
         else:
             from boxseg.inference import score_label_dir
 
