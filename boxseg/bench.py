@@ -216,7 +216,8 @@ def markdown(rows: list[BenchRow]) -> str:
         frac = "-" if r.fraction_of_matmul is None else f"{100 * r.fraction_of_matmul:.1f}%"
         lines.append(f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {f(r.median_ms)} | {f(r.p90_ms)} | "
                      f"{f(r.p99_ms)} | {f(r.images_per_s)} | {f(r.gflop_per_image)} | {f(r.tflops)} | "
-                     f"{f(r.matmul_tflops)} | {frac} | {f(r.peak_mem_mib)} | {r.status} |")
+                     f"{f(r.matmul_tflops)} | {frac} | {f(r.peak_mem_mib)} | "
+                     f"{r.status + ': ' + r.note if r.backend in ('propose-e2e', 'model-only') else r.status} |")
     return "\n".join(lines)
 
 
@@ -244,3 +245,52 @@ def plot(rows: list[BenchRow], path: Path, title: str) -> None:
 
 def rows_to_dicts(rows: list[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions: list[str], batches: list[int],
+              device: torch.device, workers: int, warmup: int, iters: int, log=print) -> list[BenchRow]:
+    """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, merge,
+    un-letterbox, PNG writes) on `images` (an ImageSet), against the model alone on inputs of
+    the same shape and batch. Throughput is in (image, class) pairs per second; the e2e row's
+    note gives e2e / model-only."""
+    from boxseg.config import ProposalConfig
+    from boxseg.propose import propose
+
+    rows: list[BenchRow] = []
+    model = copy.deepcopy(model).to(device).eval()
+    for precision in precisions:
+        for b in batches:
+            if meta["in_channels"] != 4:
+                rows.append(BenchRow(name, "propose-e2e", precision, b, "not run: --e2e times a 4-channel "
+                                     "(round-1) SegNet2; a 5-channel one needs a SegNet1 as well"))
+                continue
+            ref = BenchRow(name, "model-only", precision, b, "ok")
+            try:
+                run = make_runner("torch", model, meta, precision, device, b, Path(tempfile.gettempdir()))
+                lat = time_fn(run, device, warmup, iters)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                ref.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                rows.append(ref)
+                continue
+            med = statistics.median(lat)
+            ref.median_ms, ref.p90_ms, ref.p99_ms = round(med, 3), round(_pct(lat, 0.9), 3), round(_pct(lat, 0.99), 3)
+            ref.images_per_s = round(b / (med / 1000), 2)
+            ref.note = "pairs/s; same shapes and batch as the pipeline's"
+            rows.append(ref)
+            row = BenchRow(name, "propose-e2e", precision, b, "ok")
+            runs = []
+            for rep in range(2):  # the first run warms up (workers, allocator, kernels); the second is timed
+                with tempfile.TemporaryDirectory() as out:
+                    r = propose(model, None, images, Path(out), meta["input_size"], ProposalConfig(batch=b), device,
+                                precision, workers)
+                runs.append(r)
+            r = runs[-1]
+            row.images_per_s = round(r.pairs / r.seconds, 2)
+            row.median_ms = round(1000 * r.seconds / max(1, -(-r.pairs // b)), 3)
+            ratio = row.images_per_s / ref.images_per_s
+            row.note = (f"pairs/s over {len(images)} images, {r.pairs} pairs (decode, model, merge, PNG write); "
+                        f"e2e / model-only = {100 * ratio:.0f}%; median_ms = wall time per batch")
+            rows.append(row)
+            log(f"e2e {precision} b{b}: {row.images_per_s} pairs/s end to end, {ref.images_per_s} model-only "
+                f"({100 * ratio:.0f}%)")
+    return rows

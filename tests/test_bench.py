@@ -26,3 +26,29 @@ def test_bench_writes_consistent_rows(tmp_path):
     trt = [row for row in rows if row["backend"] == "tensorrt"]
     assert all(row["status"].startswith("not run:") for row in trt)
     assert (tmp_path / "t.png").stat().st_size > 1000 and "| segnet2@64 |" in (tmp_path / "t.md").read_text()
+
+
+def test_e2e_times_the_proposal_pipeline_against_the_model(world, tmp_path):
+    from boxseg.bench import bench_e2e, markdown
+    from boxseg.config import SegNet2Config
+    from boxseg.data.images import ImageSet
+    from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+    from boxseg.models.meta import build_model, segnet2_meta
+
+    import torch
+
+    meta = segnet2_meta(SegNet2Config(widths=(16, 16, 24, 24), blocks=1, bottom_blocks=1, stem_channels=8,
+                                      input_size=96), 4)
+    images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
+    rows = bench_e2e(build_model(meta).eval(), meta, "segnet2@96", images, ["fp32"], [8], torch.device("cpu"),
+                     workers=0, warmup=1, iters=2, log=lambda s: None)
+    assert [(r.backend, r.status) for r in rows] == [("model-only", "ok"), ("propose-e2e", "ok")]
+    model_only, e2e = rows
+    assert model_only.images_per_s > 0 and e2e.images_per_s > 0 and e2e.median_ms > 0
+    n_pairs = len(images.class_pairs())
+    assert f"{n_pairs} pairs" in e2e.note and "e2e / model-only = " in e2e.note
+    assert "e2e / model-only" in markdown(rows)
+    five = segnet2_meta(SegNet2Config(widths=(16, 16, 24, 24), blocks=1, bottom_blocks=1, stem_channels=8,
+                                      input_size=96), 5)
+    (row,) = bench_e2e(build_model(five).eval(), five, "x", images, ["fp32"], [8], torch.device("cpu"), 0, 1, 1)
+    assert row.status.startswith("not run: --e2e times a 4-channel")

@@ -45,7 +45,12 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--iters", type=int, default=10, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
 @click.option("--tag", default=None, help="File name stem for the results (default: model_device).")
-def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag) -> None:
+@click.option("--e2e", is_flag=True, help="SegNet2 only: boxseg-propose's whole pipeline against the model alone, "
+              "in (image, class) pairs/s, on --voc-root's train split (default: the synthetic world).")
+@click.option("--voc-root", type=click.Path(path_type=Path), help="Images for --e2e.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
+def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag, e2e, voc_root,
+         workers) -> None:
     """Time the model; write TAG.jsonl, TAG.md and TAG.png into --out."""
     import torch
 
@@ -65,8 +70,22 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
         click.echo(f"error: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
         sys.exit(2)
     name = f"{Path(spec).stem if spec.endswith('.pt') else spec}@{meta['input_size']}"
-    rows = bench(model, meta, name, backends.split(","), precisions.split(","), [int(b) for b in batches.split(",")],
-                 dev, warmup, iters, log=lambda s: click.echo(s, err=True))
+    batch_list, precision_list = [int(b) for b in batches.split(",")], precisions.split(",")
+    if e2e:
+        if meta["kind"] != "segnet2":
+            raise click.UsageError("--e2e times boxseg-propose: give a SegNet2 (--model segnet2 or a checkpoint)")
+        from boxseg.bench import bench_e2e
+        from boxseg.cli.train import synth_world
+        from boxseg.data.images import ImageSet
+        from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+
+        root = voc_root or synth_world("tiny", 0)[2]
+        images = ImageSet(VOCDataset(root, "train"), NUM_VOC_CLASSES)
+        rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
+                         log=lambda s: click.echo(s, err=True))
+    else:
+        rows = bench(model, meta, name, backends.split(","), precision_list, batch_list, dev, warmup, iters,
+                     log=lambda s: click.echo(s, err=True))
     env = environment(dev)
     command = "boxseg-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     tag = tag or f"{spec.replace('/', '_')}_{meta['input_size']}_{env.get('gpu', 'cpu').replace(' ', '-')}"
