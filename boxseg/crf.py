@@ -12,6 +12,7 @@ With the Potts compatibility the mean-field update is Q <- softmax(log P + sum_j
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ def _kernel_weights(image: torch.Tensor, p: CRFParams) -> tuple[list[tuple[int, 
             nb = img[:, r + dy:r + dy + h, r + dx:r + dx + w]
             colour = ((image - nb) ** 2).sum(0)
             k = (p.bi_w * torch.exp(-d2 / (2 * p.bi_xy_std ** 2) - colour / (2 * p.bi_rgb_std ** 2))
-                 + p.pos_w * torch.exp(torch.tensor(-d2 / (2 * p.pos_xy_std ** 2), device=image.device)))
+                 + p.pos_w * math.exp(-d2 / (2 * p.pos_xy_std ** 2)))
             offsets.append((dy, dx))
             weights.append(k * inside[0, r + dy:r + dy + h, r + dx:r + dx + w])
     return offsets, torch.stack(weights)

@@ -63,6 +63,8 @@ def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.devi
 
     if isinstance(model, torch.nn.Module):
         model.eval()
+    from boxseg.crf import dense_crf
+
     conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
     bad: list[str] = []
     for idx in tqdm(list(_chunks(len(images), batch)), desc="eval", disable=not progress, leave=False):
@@ -72,8 +74,6 @@ def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.devi
                 bad.append(item.id)
                 continue
             if crf is not None:
-                from boxseg.crf import dense_crf
-
                 p = dense_crf(p.to(device), torch.from_numpy(item.image).to(device), crf).cpu()
             conf.update(p.argmax(0), torch.from_numpy(item.mask))
     if bad:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import click
-import torch
 
 from boxseg.config import ProposalConfig
 from boxseg.errors import BadInputLog, DataError
+from boxseg.versions import library_versions
 
 METHODS = ("learned", "box", "box-centre", "grabcut")
 
@@ -114,7 +113,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
 
     manifest = _merge_manifest(out_dir, parts, {**info, "method": method, "config": dataclasses.asdict(cfg),
                                                 "data": target.describe, "precision": precision, "device": str(dev),
-                                                "world_size": world, "versions": _versions(),
+                                                "world_size": world, "versions": library_versions(),
                                                 "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     manifest["quality"] = _quality(out_dir, target, instances)
     write_bytes_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -203,15 +202,6 @@ def _quality(out_dir: Path, target: Target, instances: bool) -> dict:
         else:
             q["mask_ap"] = "not computed: VOC input has no instance ground truth here (image_id = position in the split)"
     return q
-
-
-def _versions() -> dict:
-    import numpy
-
-    import boxseg
-
-    return {"boxseg": boxseg.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
 
 
 def _report(m: dict, out_dir: Path) -> None:

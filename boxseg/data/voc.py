@@ -215,3 +215,11 @@ class VOCDataset:
     def annotation(self, i: int) -> BoxAnnotation | None:
         """Boxes of item i without decoding its image."""
         return self.entries[i].ann
+
+    def ground_truth(self, i: int) -> np.ndarray | None:
+        """The label map of item i (None if it has none) without decoding its image; its size is
+        checked against the XML's <size> where that exists."""
+        e = self.entries[i]
+        if e.mask is None:
+            return None
+        return read_label(e.mask, NUM_VOC_CLASSES, e.ann.size if e.ann is not None else None)

@@ -19,8 +19,7 @@ CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 FLAGS = ["--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--no-default-browser-check", "--disable-extensions", "--disable-background-networking", "--disable-sync",
          "--disable-component-update", "--disable-default-apps", "--disable-domain-reliability",
-         "--metrics-recording-only", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
-         "--allow-file-access-from-files"]
+         "--metrics-recording-only", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars"]
 
 
 def find_chromium() -> str | None:

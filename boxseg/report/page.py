@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import html
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from boxseg.data.images import ImageSet
 from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.errors import DataError
 from boxseg.report import gallery, plots
+from boxseg.versions import library_versions
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1500px;
@@ -74,18 +74,6 @@ def _markdown_table(md: str) -> str:
     return "".join(out) + ("<table>" + "".join(table) + "</table>" if table else "")
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    v = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("boxseg", "torch", "numpy", "onnx", "onnxruntime", "pillow", "opencv-python-headless", "matplotlib"):
-        try:
-            v[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            v[pkg] = "not installed"
-    return v
-
-
 def _stage_rows(run_dir: Path) -> dict[str, list[dict]]:
     stages = {}
     for f in sorted((run_dir / "stages").glob("*/metrics.csv")):
@@ -120,21 +108,21 @@ def build_report(run_dir: Path, out_dir: Path, voc_root: Path, n_images: int = 8
     img_dir = out_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     names = list(VOC_CLASSES)
-    train = ImageSet(VOCDataset(voc_root, train_split), NUM_VOC_CLASSES)
+    train_voc = VOCDataset(voc_root, train_split)
+    train = ImageSet(train_voc, NUM_VOC_CLASSES)
     val = ImageSet(VOCDataset(voc_root, val_split, masks="require"), NUM_VOC_CLASSES)
 
     # -- gallery: the best, the worst and evenly spread images by final-round proposal IoU ---------
     final_dir = run_dir / "proposals" / f"target_r{final}"
     log(f"scoring {len(train)} proposals of round {final}")
     scores = []
-    for i in range(len(train)):
-        item = train[i]
-        path = final_dir / f"{item.id}.png"
-        if item.mask is None or not path.exists():
+    for i in range(len(train)):  # masks and proposals only: no image is decoded here
+        path = final_dir / f"{train.id(i)}.png"
+        gt = train_voc.ground_truth(i) if path.exists() else None
+        if gt is None:
             scores.append(float("nan"))
             continue
-        scores.append(gallery.image_miou(read_label(path, NUM_VOC_CLASSES, item.mask.shape), item.mask,
-                                         NUM_VOC_CLASSES))
+        scores.append(gallery.image_miou(read_label(path, NUM_VOC_CLASSES, gt.shape), gt, NUM_VOC_CLASSES))
     chosen = gallery.pick(scores, n_images)
     seg1_path = run_dir / "stages" / f"segnet1_r{final}" / "final.pt"
     segnet1, meta1 = load_checkpoint_model(seg1_path, expect_kind="segnet1")
@@ -193,7 +181,7 @@ def build_report(run_dir: Path, out_dir: Path, voc_root: Path, n_images: int = 8
                                   f'style="max-width:100%"></p>')
 
     # -- the page ------------------------------------------------------------------------------------
-    versions = _versions()
+    versions = library_versions()
     cfg = yaml.safe_load(config_text) if config_text else {}
     title = f"boxseg report: {run_dir.name}"
     parts = [

@@ -14,16 +14,13 @@ from click.testing import CliRunner
 from boxseg.cli.eval import main as eval_cli
 from boxseg.cli.export import main as export_cli
 from boxseg.cli.propose import main as propose_cli
-from boxseg.config import SegNet1Config, SegNet2Config
 from boxseg.data.classes import VOC_TARGET_CLASSES
 from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
 from boxseg.train.checkpoint import load_state_file, save_checkpoint
 
 from .conftest import assert_no_partial_files, assert_same_run, run_cli, train_args
+from .test_hostile import S1, S2
 
-S2 = SegNet2Config(widths=(16, 16, 24, 24), blocks=1, bottom_blocks=1, stem_channels=8, input_size=96)
-S1 = SegNet1Config(width=0.125, batch_norm=True, dropout=0.0, convs_per_block=(1, 1, 1, 1, 1), fc6_dilation=2,
-                   test_size=97)
 
 
 def test_nan_learning_rate_stops_keeps_last_good_and_resumes(world, reference_run, tmp_path):
