@@ -68,6 +68,9 @@ def test_gallery_order_and_per_image_iou_are_right():
 def test_bad_run_folder_is_a_clear_error(tmp_path, world):
     r = CliRunner().invoke(report_cli, [str(tmp_path), "--voc-root", str(world.voc_root), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and f"{tmp_path}: not a finished boxseg-train run folder" in r.output
+    (tmp_path / "config.yaml").write_text("data: [unclosed\n")
+    r = CliRunner().invoke(report_cli, [str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and f"{tmp_path / 'config.yaml'}: malformed YAML" in r.output
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium; "

@@ -31,7 +31,11 @@ def main(run_dir: Path, out_dir: Path, bench: tuple[Path, ...], n_images: int, v
     from boxseg.report.page import build_report
 
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+        cfg_path = run_dir / "config.yaml"
+        try:
+            cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+        except yaml.YAMLError as e:
+            raise DataError(cfg_path, f"malformed YAML: {e}") from None
         data = (cfg or {}).get("data", {})
         if voc_root is None:
             if data.get("voc_root"):
