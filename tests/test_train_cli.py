@@ -31,6 +31,11 @@ def test_run_directory_holds_every_stage_and_results(world, tmp_path):
     for stage in ("segnet2_r1", "segnet1_source", "segnet1_r1", "segnet2_r2", "segnet1_r2", "segnet1_full"):
         assert (out / "stages" / stage / "final.pt").exists(), stage
         assert (out / "stages" / stage / "metrics.csv").exists(), stage
+    # the source SegNet1 trains source_iters_factor x segnet1.iters (tiny: 3 x 3), the target ones iters
+    rows = lambda stage: (out / "stages" / stage / "metrics.csv").read_text().split()[1:]
+    assert cfg["segnet1"]["source_iters_factor"] == 3.0
+    assert [r.split(",")[0] for r in rows("segnet1_source")] == [str(i) for i in range(1, 10)]
+    assert len(rows("segnet1_r1")) == 3 and len(rows("segnet2_r2")) == 2
     n_train = len((world.voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split())
     for props in ("target_r1", "target_r2", "box", "grabcut"):
         assert len(list((out / "proposals" / props).glob("*.png"))) == n_train

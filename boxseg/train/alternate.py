@@ -106,9 +106,9 @@ class Scheme:
     def _mark_done(self, d: Path, info: dict) -> None:
         write_bytes_atomic(d / "done.json", json.dumps(info).encode())
 
-    def segnet1(self, name: str, images: ImageSet, label_of, classes: ClassMap, indices=None):
+    def segnet1(self, name: str, images: ImageSet, label_of, classes: ClassMap, indices=None, iters: int | None = None):
         c = self.cfg.segnet1
-        return train_segnet1(self.stage(name, c.iters, c.batch), images, label_of, classes, c,
+        return train_segnet1(self.stage(name, iters or c.iters, c.batch), images, label_of, classes, c,
                              self.seed(name), self.device, self.cfg.amp, indices, self.progress)
 
     def val_miou(self, model) -> dict:
@@ -145,7 +145,8 @@ class Scheme:
                 src_dir = self.proposals_dir("source_r1")
                 self.propose(segnet2, None, self.data.source, src_dir)
                 source_segnet1 = self.segnet1("segnet1_source", self.data.source,
-                                              label_reader(src_dir, self.data.source), SOURCE_CLASSES)
+                                              label_reader(src_dir, self.data.source), SOURCE_CLASSES,
+                                              iters=max(1, round(cfg.segnet1.source_iters_factor * cfg.segnet1.iters)))
                 self.results["source_proposal_miou_r1"] = score_label_dir(src_dir, self.data.source)[0].miou
             else:
                 failpoint(f"round:{r}")
