@@ -279,8 +279,48 @@ def coco_results(out_dir: Path, images: ImageSet, coco_ids: tuple[int, ...], ima
     return res
 
 
-def mask_ap(ann_file: Path, results: list[dict], image_ids: list[int]) -> dict:
-    """COCO mask AP of `results` against the instances of `ann_file` (pycocotools COCOeval)."""
+def voc_instance_truth(images: ImageSet, coco_ids: tuple[int, ...]) -> tuple[dict, dict[int, np.ndarray]]:
+    """The SegmentationObject instances of a VOC split as a COCO ground-truth dict (image_id =
+    position in the split, category ids `coco_ids`), for the images that have them, and each
+    such image's void mask (255: borders and unlabelled objects)."""
+    from pycocotools import mask as mask_utils
+
+    ds = images.dataset
+    gt = {"images": [], "annotations": [], "categories": [{"id": int(c)} for c in coco_ids]}
+    void: dict[int, np.ndarray] = {}
+    for i in range(len(images)):
+        truth = ds.instances(i)
+        if truth is None:
+            continue
+        h, w = truth.void.shape
+        gt["images"].append({"id": i, "height": h, "width": w})
+        void[i] = truth.void
+        for label, m in zip(truth.labels, truth.masks):
+            rle = encode_rle(m)
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i, "iscrowd": 0,
+                                      "category_id": int(coco_ids[label - 1]), "segmentation": rle,
+                                      "area": float(m.sum()), "bbox": mask_utils.toBbox(rle).tolist()})
+    return gt, void
+
+
+def drop_void(results: list[dict], void: dict[int, np.ndarray]) -> list[dict]:
+    """Results of the images in `void` with their void pixels taken out of every mask, so that
+    they count neither for nor against a detection (as 255 in mIoU); other images dropped."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for r in results:
+        v = void.get(r["image_id"])
+        if v is None:
+            continue
+        m = mask_utils.decode(r["segmentation"])
+        out.append({**r, "segmentation": encode_rle(m.astype(bool) & ~v)})
+    return out
+
+
+def mask_ap(ground_truth: Path | dict, results: list[dict], image_ids: list[int]) -> dict:
+    """COCO mask AP of `results` against the instances of `ground_truth` (a COCO instances
+    file or dict), over `image_ids` (pycocotools COCOeval)."""
     import contextlib
     import io
 
@@ -290,7 +330,12 @@ def mask_ap(ann_file: Path, results: list[dict], image_ids: list[int]) -> dict:
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "images": len(image_ids)}
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann_file))
+        if isinstance(ground_truth, dict):
+            gt = COCO()
+            gt.dataset = ground_truth
+            gt.createIndex()
+        else:
+            gt = COCO(str(ground_truth))
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, iouType="segm")
         ev.params.imgIds = image_ids

@@ -253,3 +253,49 @@ def test_image_without_boxes_is_all_background(tmp_path):
     label = np.array(Image.open(tmp_path / "empty.png"))
     assert label.shape == (40, 50) and not label.any()
     assert json.loads((tmp_path / "instances" / "empty.json").read_text()) == []
+
+
+def test_voc_instance_truth_scores_itself_as_ap_1_and_a_shifted_copy_lower(world):
+    from boxseg.data.coco import encode_rle
+    from boxseg.propose import drop_void, mask_ap, voc_instance_truth
+
+    images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
+    gt, void = voc_instance_truth(images, VOC_TARGET_CLASSES.coco_ids)
+    assert len(gt["images"]) == len(images) and len(gt["annotations"]) >= len(images)
+    ids = sorted(void)
+    own = [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+            "score": 1.0} for a in gt["annotations"]]
+    assert mask_ap(gt, drop_void(own, void), ids)["AP"] == pytest.approx(1.0)
+    # each mask grown by the void band around it: the void pixels are not scored, AP stays 1
+    from pycocotools import mask as mask_utils
+
+    def grow(m):  # one pixel in the four directions
+        g = m.copy()
+        g[1:] |= m[:-1]
+        g[:-1] |= m[1:]
+        g[:, 1:] |= m[:, :-1]
+        g[:, :-1] |= m[:, 1:]
+        return g
+
+    grown = []
+    for r in own:
+        m = mask_utils.decode(r["segmentation"]).astype(bool)
+        g = grow(m) & (void[r["image_id"]] | m)
+        assert g.sum() > m.sum()
+        grown.append({**r, "segmentation": encode_rle(g)})
+    assert mask_ap(gt, drop_void(grown, void), ids)["AP"] == pytest.approx(1.0)
+    # shifted by 4 pixels: lower AP
+    shifted = [{**r, "segmentation": encode_rle(np.roll(mask_utils.decode(r["segmentation"]).astype(bool), 4, axis=1))}
+               for r in own]
+    assert mask_ap(gt, drop_void(shifted, void), ids)["AP"] < 0.9
+
+
+def test_cli_instances_on_voc_give_mask_ap(world, tmp_path, ckpts):
+    out = tmp_path / "v"
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), "--voc-root", str(world.voc_root),
+                                         "--out", str(out), "--instances", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    q = json.loads((out / "manifest.json").read_text())["quality"]
+    n = len(VOCDataset(world.voc_root, "train"))
+    assert q["instances"] > 0 and q["mask_ap"]["images"] == n and 0.0 <= q["mask_ap"]["AP"] <= 1.0
+    assert f"({n} images with ground-truth instances)" in r.output

@@ -99,3 +99,30 @@ def test_cli_synth_then_check_both_trees(tmp_path):
     assert "problems: none" in r.output
     r = runner.invoke(data_cli, ["synth", "--out", str(out), "--size", "huge"])
     assert r.exit_code != 0 and "valid:" in r.output
+
+
+def test_cached_world_of_an_older_format_is_rebuilt_identically(tmp_path, monkeypatch):
+    import json
+
+    from boxseg.cli.train import synth_world
+    from boxseg.data import synth
+
+    monkeypatch.setitem(synth.SIZES, "micro", synth.SynthSize(4, 3, 2, 64, 72))
+    monkeypatch.setenv("BOXSEG_CACHE", str(tmp_path))
+    _, _, voc = synth_world("micro", 5)
+    meta_path = tmp_path / "synth" / "micro-seed5" / "synth.json"
+    assert json.loads(meta_path.read_text())["format"] == synth.SYNTH_FORMAT
+    before = {p.name: p.read_bytes() for p in (voc / "JPEGImages").iterdir()}
+    # a world written before SegmentationObject existed
+    for p in (voc / "SegmentationObject").iterdir():
+        p.unlink()
+    meta = json.loads(meta_path.read_text())
+    del meta["format"]
+    meta_path.write_text(json.dumps(meta))
+    synth_world("micro", 5)
+    assert len(list((voc / "SegmentationObject").iterdir())) == 5
+    assert {p.name: p.read_bytes() for p in (voc / "JPEGImages").iterdir()} == before
+    # a current one is left alone
+    mtime = meta_path.stat().st_mtime_ns
+    synth_world("micro", 5)
+    assert meta_path.stat().st_mtime_ns == mtime

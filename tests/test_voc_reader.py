@@ -208,3 +208,42 @@ def test_decompression_bomb_guard_stays_on(world_copy, monkeypatch):
     sid = first_id(world_copy.voc_root)
     with pytest.raises(DataError, match=sid + r"\.jpg: refused as a decompression bomb"):
         VOCDataset(world_copy.voc_root, "train")[0]
+
+
+def test_instances_from_segmentation_object(world):
+    ds = VOCDataset(world.voc_root, "train")
+    n = 0
+    for i in range(len(ds)):
+        s, truth = ds[i], ds.instances(i)
+        assert truth is not None and truth.masks.shape == (len(s.labels), *s.mask.shape)
+        # instance k is the k-th object of the XML: its class, and its pixels inside its box
+        assert truth.labels.tolist() == s.labels.tolist()
+        for m, box in zip(truth.masks, s.boxes):
+            x0, y0, x1, y1 = box.astype(int)
+            assert m.any() and not m[:y0].any() and not m[y1:].any() and not m[:, :x0].any() and not m[:, x1:].any()
+        # the instances of a class cover that class's pixels of the class mask, but for the void
+        # band between touching instances of one class (void in SegmentationObject only)
+        for c in range(1, 21):
+            union = truth.masks[truth.labels == c].any(0)
+            assert not (union & (s.mask != c)).any()
+            assert not ((s.mask == c) & ~union & ~truth.void).any()
+        assert (truth.void >= (s.mask == 255)).all()
+        n += len(truth.labels)
+    assert n > len(ds)  # several images hold more than one object
+
+
+def test_instances_missing_file_and_bad_values(world_copy):
+    voc = world_copy.voc_root
+    sid = first_id(voc)
+    obj = voc / "SegmentationObject" / f"{sid}.png"
+    label = np.array(Image.open(obj))
+    obj.unlink()
+    assert VOCDataset(voc, "train").instances(0) is None
+    # an instance painted on background pixels of the class mask is an error naming the file
+    cls = np.array(Image.open(voc / "SegmentationClass" / f"{sid}.png"))
+    bad = label.copy()
+    bad[cls == 0] = 0
+    bad[np.argwhere(cls == 0)[0][0], np.argwhere(cls == 0)[0][1]] = 9
+    obj.write_bytes(encode_label_png(bad))
+    with pytest.raises(DataError, match=re.escape(f"{sid}.png") + ".*instance 9 covers no object pixel"):
+        VOCDataset(voc, "train").instances(0)

@@ -200,7 +200,13 @@ def _quality(out_dir: Path, target: Target, instances: bool) -> dict:
         if coco:
             q["mask_ap"] = mask_ap(target.coco_ann, results, [image_id(i) for i in range(len(images))])
         else:
-            q["mask_ap"] = "not computed: VOC input has no instance ground truth here (image_id = position in the split)"
+            from boxseg.propose import drop_void, voc_instance_truth
+
+            gt, void = voc_instance_truth(images, target.coco_ids)
+            if gt["images"]:  # VOC: the images with SegmentationObject PNGs, void pixels not scored
+                q["mask_ap"] = mask_ap(gt, drop_void(results, void), sorted(void))
+            else:
+                q["mask_ap"] = "not computed: no SegmentationObject/ID.png for any image of the split"
     return q
 
 
@@ -212,7 +218,9 @@ def _report(m: dict, out_dir: Path) -> None:
     if "miou" in q:
         click.echo(f"proposal mIoU {100 * q['miou']:.2f} (coverage {100 * q['coverage']:.1f}%)")
     if isinstance(q.get("mask_ap"), dict):
-        click.echo(f"mask AP {100 * q['mask_ap']['AP']:.1f}, AP50 {100 * q['mask_ap']['AP50']:.1f}")
+        a = q["mask_ap"]
+        click.echo(f"mask AP {100 * a['AP']:.1f}, AP50 {100 * a['AP50']:.1f}, AP75 {100 * a['AP75']:.1f} "
+                   f"({a['images']} images with ground-truth instances)")
     for s in m["skipped_files"]:
         click.echo(f"skipped {s['path']}: {s['problem']}", err=True)
     for f in m["failed"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,14 +28,22 @@ def synth_cache_dir(size: str, seed: int) -> Path:
 
 
 def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
-    """(coco_images, coco_ann, voc_root) of the cached synthetic world, built by rank 0 if missing."""
-    from boxseg.data.synth import size_preset, world_paths, write_synth
+    """(coco_images, coco_ann, voc_root) of the cached synthetic world, built by rank 0 if missing
+    or written by an older boxseg (`SYNTH_FORMAT`)."""
+    from boxseg.data.synth import SYNTH_FORMAT, size_preset, world_paths, write_synth
     from boxseg.train import dist
 
     cache = synth_cache_dir(size, seed)
-    if not (cache / "synth.json").exists() and dist.is_main():
-        click.echo(f"building the synthetic world ({size}, seed {seed}) in {cache}", err=True)
-        write_synth(cache, seed=seed, size=size_preset(size))
+    if dist.is_main():
+        meta = cache / "synth.json"
+        try:
+            old = json.loads(meta.read_text()).get("format", 1) if meta.exists() else None
+        except (json.JSONDecodeError, AttributeError, OSError):
+            old = 0  # unreadable: rebuild
+        if old is None or old < SYNTH_FORMAT:
+            what = "building" if old is None else f"rebuilding (format {old} < {SYNTH_FORMAT})"
+            click.echo(f"{what} the synthetic world ({size}, seed {seed}) in {cache}", err=True)
+            write_synth(cache, seed=seed, size=size_preset(size))
     dist.barrier()
     return world_paths(cache)
 

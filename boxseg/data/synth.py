@@ -34,6 +34,9 @@ from boxseg.metrics import ConfusionMatrix
 
 SHAPES = ("ellipse", "triangle", "star", "cross", "blob", "lshape")
 TEXTURES = ("plain", "stripes", "checker", "dots")
+# Bumped when a world written by an older boxseg lacks something: 2 added SegmentationObject/.
+# A cached world of an older format is rebuilt (the same seed gives the same images).
+SYNTH_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -256,11 +259,14 @@ def _make_target(args: tuple[int, int, str, SynthSize]) -> dict:
         if objs:
             break
     label = np.zeros((h, w), np.uint8)
-    for o in objs:
+    instance = np.zeros((h, w), np.uint8)  # VOC's SegmentationObject: k = the k-th object of the XML
+    for k, o in enumerate(objs, start=1):
         label[o.mask] = VOC_COCO_IDS.index(o.coco_id) + 1
+        instance[o.mask] = k
     objects = [{"name": VOC_CLASSES[VOC_COCO_IDS.index(o.coco_id) + 1], "box": tight_box(o.mask),
                 "truncated": o.truncated, "difficult": bool(o.mask.sum() < 0.01 * h * w)} for o in objs]
-    return {"id": f"synth_{split}_{index:06d}", "image": image, "label": void_band(label), "objects": objects}
+    return {"id": f"synth_{split}_{index:06d}", "image": image, "label": void_band(label),
+            "instances": void_band(instance), "objects": objects}
 
 
 def _make_source(args: tuple[int, int, SynthSize]) -> dict:
@@ -343,7 +349,7 @@ def write_synth(out: str | Path, seed: int = 0, size: SynthSize = SIZES["tiny"],
     out = Path(out)
     coco_images, coco_ann, voc = world_paths(out)
     for d in (coco_images, coco_ann.parent, voc / "JPEGImages", voc / "Annotations",
-              voc / "SegmentationClass", voc / "ImageSets" / "Segmentation"):
+              voc / "SegmentationClass", voc / "SegmentationObject", voc / "ImageSets" / "Segmentation"):
         d.mkdir(parents=True, exist_ok=True)
     workers = workers or min(4, os.cpu_count() or 1)
     chunks = 16
@@ -359,6 +365,7 @@ def write_synth(out: str | Path, seed: int = 0, size: SynthSize = SIZES["tiny"],
                 write_jpeg(voc / "JPEGImages" / f"{s['id']}.jpg", s["image"])
                 write_bytes_atomic(voc / "Annotations" / f"{s['id']}.xml", _voc_xml(s["id"], h, w, s["objects"]))
                 write_bytes_atomic(voc / "SegmentationClass" / f"{s['id']}.png", encode_label_png(s["label"]))
+                write_bytes_atomic(voc / "SegmentationObject" / f"{s['id']}.png", encode_label_png(s["instances"]))
                 if split == "train":
                     boxes = np.array([[x0, y0, x1, y1] for x0, y0, x1, y1 in (o["box"] for o in s["objects"])], np.float32)
                     labels = np.array([VOC_CLASSES.index(o["name"]) for o in s["objects"]])
@@ -386,7 +393,7 @@ def write_synth(out: str | Path, seed: int = 0, size: SynthSize = SIZES["tiny"],
             "categories": [{"id": cid, "name": name, "supercategory": "synthetic"} for cid, name in COCO_CATEGORIES]}
     write_bytes_atomic(coco_ann, json.dumps(coco).encode())
     box_miou = conf.scores().miou
-    meta = {"seed": seed, "size": asdict(size), "box_baseline_miou_train": box_miou,
+    meta = {"format": SYNTH_FORMAT, "seed": seed, "size": asdict(size), "box_baseline_miou_train": box_miou,
             "coco_images": str(coco_images.relative_to(out)), "coco_ann": str(coco_ann.relative_to(out)),
             "voc_root": str(voc.relative_to(out))}
     write_bytes_atomic(out / "synth.json", json.dumps(meta, indent=2).encode())

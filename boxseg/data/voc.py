@@ -5,6 +5,8 @@ found too):
   JPEGImages/ID.jpg, Annotations/ID.xml, SegmentationClass/ID.png,
   ImageSets/Segmentation/{train,val,trainval}.txt, and SBD-style
   SegmentationClassAug/ID.png with ImageSets/Segmentation{,Aug}/train_aug.txt.
+  SegmentationObject/ID.png (instance k = the k-th object of the XML), where it exists, gives
+  ground-truth instances (`VOCDataset.instances`).
 
 Boxes in the XML are 1-based inclusive pixel coordinates; samples carry them 0-based with
 an exclusive end, as floats: x0 = xmin - 1, y0 = ymin - 1, x1 = xmax, y1 = ymax.
@@ -110,6 +112,13 @@ def parse_annotation(path: Path) -> BoxAnnotation:
         truncated=np.asarray(truncated, dtype=bool),
         size=size,
     )
+
+
+@dataclass
+class InstanceTruth:
+    labels: np.ndarray      # int64 (K,), 1..20
+    masks: np.ndarray       # bool (K, H, W)
+    void: np.ndarray        # bool (H, W): 255 in SegmentationObject (object borders, unlabelled)
 
 
 @dataclass
@@ -223,3 +232,31 @@ class VOCDataset:
         if e.mask is None:
             return None
         return read_label(e.mask, NUM_VOC_CLASSES, e.ann.size if e.ann is not None else None)
+
+    def instances(self, i: int) -> InstanceTruth | None:
+        """Ground-truth instances of item i from SegmentationObject/ID.png, None where there is
+        no such file. Instance k's class is the majority class of its pixels in the class mask,
+        or the k-th object of the XML where there is no class mask."""
+        e = self.entries[i]
+        path = resolve_inside(self.root / "SegmentationObject", f"{e.id}.png", self.list_path)
+        if not path.is_file():
+            return None
+        cls = self.ground_truth(i)
+        obj = read_label(path, 255, cls.shape if cls is not None else (e.ann.size if e.ann is not None else None))
+        ks = [int(k) for k in np.unique(obj) if k not in (0, 255)]
+        labels, masks = [], []
+        for k in ks:
+            m = obj == k
+            if cls is not None:
+                c = cls[m]
+                c = c[(c != 0) & (c != 255)]
+                if c.size == 0:
+                    raise DataError(path, f"instance {k} covers no object pixel of {e.mask.name}")
+                labels.append(int(np.bincount(c).argmax()))
+            else:
+                if e.ann is None or k > len(e.ann.labels):
+                    raise DataError(path, f"instance {k} has no object {k} in {e.xml.name if e.xml else 'an XML'}")
+                labels.append(int(e.ann.labels[k - 1]))
+            masks.append(m)
+        return InstanceTruth(np.asarray(labels, np.int64),
+                             np.stack(masks) if masks else np.zeros((0, *obj.shape), bool), obj == 255)
