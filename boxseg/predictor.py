@@ -101,6 +101,8 @@ def load_predictor(artifact: str | Path, device: torch.device | str = "cpu", pre
     if backend == "torch":
         model, meta = load_checkpoint_model(path, expect_kind)
         return TorchPredictor(model, meta, device, precision)
+    if path.is_symlink():  # an exported artifact is loaded only from the folder it was written to
+        raise DataError(path, f"refused: the {backend} artifact is a symbolic link")
     meta = read_sidecar_meta(path, expect_kind)
     if backend == "onnxruntime":
         from boxseg.export.ort import OrtPredictor

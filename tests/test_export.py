@@ -203,6 +203,11 @@ def test_hostile_artifacts_are_refused(tmp_path):
     shutil.copy(side, tmp_path / "exp" / "link.onnx.json")
     with pytest.raises(DataError, match="symbolic link"):
         load_predictor(tmp_path / "exp" / "link.onnx", "cpu")
+    # the same for every exported kind, before its runtime is imported or the file read
+    for suffix in (".engine", ".pt2"):
+        os.symlink(good, tmp_path / "exp" / f"link{suffix}")
+        with pytest.raises(DataError, match=f"link\\{suffix}: refused: the .* artifact is a symbolic link"):
+            load_predictor(tmp_path / "exp" / f"link{suffix}", "cpu")
     # external data outside the folder, and external data through a symlink
     for name, loc in (("out.onnx", "../secret.bin"), ("sym.onnx", "weights.bin")):
         m = onnx.load(str(good))  # (saving with external data changes the proto in place)

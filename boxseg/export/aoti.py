@@ -47,8 +47,6 @@ class AotiPredictor(Predictor):
     def __init__(self, path: Path, meta: dict, device: torch.device, precision: str):
         super().__init__(meta, device, precision)
         path = Path(path)
-        if path.is_symlink():
-            raise DataError(path, "refused: the package is a symbolic link")
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as e:  # the loader raises RuntimeError and others

@@ -56,8 +56,8 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, fp16: bool = Fal
 
 
 def check_onnx_file(path: Path) -> None:
-    """Refuse a model file that is a symlink, or whose external data lies outside its folder
-    or is reached through a symlink."""
+    """Refuse a model file that is a symlink (as `load_predictor` does for every artifact), or
+    whose external data lies outside its folder or is reached through a symlink."""
     import onnx
 
     if path.is_symlink():
