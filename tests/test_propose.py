@@ -299,3 +299,16 @@ def test_cli_instances_on_voc_give_mask_ap(world, tmp_path, ckpts):
     n = len(VOCDataset(world.voc_root, "train"))
     assert q["instances"] > 0 and q["mask_ap"]["images"] == n and 0.0 <= q["mask_ap"]["AP"] <= 1.0
     assert f"({n} images with ground-truth instances)" in r.output
+
+
+def test_cli_bad_instance_truth_is_named_and_the_proposals_kept(world_copy, tmp_path, ckpts):
+    sid = first_id(world_copy.voc_root)
+    (world_copy.voc_root / "SegmentationObject" / f"{sid}.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "v"
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), "--voc-root", str(world_copy.voc_root),
+                                         "--out", str(out), "--instances", "--workers", "0"])
+    assert r.exit_code == 2, r.output
+    assert f"cannot score the proposals: {world_copy.voc_root / 'SegmentationObject' / sid}.png: cannot decode" in r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert f"{sid}.png" in m["quality"]["error"]
+    assert m["counts"]["written"] == len(VOCDataset(world_copy.voc_root, "train")) == len(list(out.glob("*.png")))

@@ -115,9 +115,15 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
                                                 "data": target.describe, "precision": precision, "device": str(dev),
                                                 "world_size": world, "versions": library_versions(),
                                                 "date": time.strftime("%Y-%m-%d %H:%M:%S")})
-    manifest["quality"] = _quality(out_dir, target, instances)
+    try:
+        manifest["quality"], bad_truth = _quality(out_dir, target, instances), None
+    except DataError as e:  # a bad ground-truth file: the proposals stand, the score does not
+        manifest["quality"], bad_truth = {"error": str(e)}, e
     write_bytes_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
     _report(manifest, out_dir)
+    if bad_truth is not None:
+        click.echo(f"error: cannot score the proposals: {bad_truth}", err=True)
+        sys.exit(2)
     if manifest["counts"]["failed"]:
         sys.exit(3)
 
