@@ -86,64 +86,65 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    from boxseg.predict.base import check_precision
+
+    return check_precision(precision)
+
+
+VARIANTS = {"torch-cl": torch.channels_last, "torch-nchw": torch.contiguous_format}
+
+
+def make_predictor(backend: str, model: torch.nn.Module, meta: dict, precision: str, device: torch.device,
+                   batch: int, workdir: Path, log=print):
+    """The Predictor a user gets for `backend` (boxseg.predict), or an exception saying why
+    not. torch-cl / torch-nchw are the eager Predictor with its memory format forced (the
+    measurement behind `memory_format_for`)."""
+    from boxseg.predict import load_predictor
+    from boxseg.predict.torch_backends import CompiledPredictor, TorchPredictor
+
+    if backend in ("torch", "torch-cl", "torch-nchw"):
+        return TorchPredictor(model, meta, device, precision, batch, VARIANTS.get(backend))
+    if backend == "compile":
+        return CompiledPredictor(model, meta, device, precision, batch)
+    if precision == "bf16":
+        raise RuntimeError(f"{backend}: boxseg exports fp32 and fp16 artifacts only")
+    fp16 = precision == "fp16"
+    stem = f"{meta['kind']}_{meta['in_channels']}_{meta['input_size']}_{precision}"
+    if backend == "onnxruntime":
+        from boxseg.export.onnx import export_onnx
+
+        path = workdir / f"{stem}.onnx"
+        if not path.exists():
+            export_onnx(model, meta, path, fp16=fp16)
+        return load_predictor(path, device, precision, batch=batch)
+    if backend == "aoti":
+        from boxseg.export.aoti import export_aoti
+
+        path = workdir / f"{stem}_{device.type}_b{batch}.pt2"
+        if not path.exists():
+            export_aoti(model, meta, path, device, fp16, batch, log=log)
+        return load_predictor(path, device, precision, batch=batch)
+    if backend == "tensorrt":
+        from boxseg.export.onnx import export_onnx
+        from boxseg.export.trt import build_engine, import_tensorrt
+
+        import_tensorrt()  # says how to install it when missing
+        onnx_path = workdir / f"{stem}.onnx"
+        if not onnx_path.exists():
+            export_onnx(model, meta, onnx_path, fp16=fp16)
+        engine = workdir / f"{stem}_b{batch}.engine"
+        build_engine(onnx_path, meta, engine, fp16, batch)
+        return load_predictor(engine, device, precision, batch=batch)
+    raise ValueError(f"unknown backend {backend!r}; expected one of torch, torch-cl, torch-nchw, compile, "
+                     f"onnxruntime, aoti, tensorrt")
 
 
 def make_runner(backend: str, model: torch.nn.Module, meta: dict, precision: str, device: torch.device,
-                batch: int, workdir: Path):
-    """A no-argument callable that runs one batch, or raises with the reason it cannot."""
+                batch: int, workdir: Path, log=print):
+    """A no-argument callable that runs one batch through the Predictor, as consumers call it."""
+    pred = make_predictor(backend, model, meta, precision, device, batch, workdir, log)
     x = example_inputs(meta, batch).to(device)
-    if backend in ("torch", "torch-cl", "compile"):
-        dtype = _dtype(precision)
-        net = copy.deepcopy(model).to(device, dtype).eval()
-        xin = x.to(dtype)
-        if backend == "torch-cl" or (backend == "compile" and device.type == "cuda"):
-            net = net.to(memory_format=torch.channels_last)
-            xin = xin.contiguous(memory_format=torch.channels_last)
-        if backend == "compile":
-            mode = "max-autotune" if device.type == "cuda" else None  # max-autotune uses CUDA graphs on GPU
-            net = torch.compile(net, mode=mode)
-
-        def run():
-            with torch.no_grad():
-                net(xin)
-        return run
-    if backend == "onnxruntime":
-        from boxseg.export.onnx import export_onnx
-        from boxseg.export.ort import OrtPredictor
-
-        if precision == "bf16":
-            raise RuntimeError("onnxruntime: no bf16 export here")
-        path = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}.onnx"
-        if not path.exists():
-            export_onnx(model, meta, path, fp16=precision == "fp16")
-        pred = OrtPredictor(path, meta, device, precision)
-        return lambda: pred(x)
-    if backend == "aoti":
-        from boxseg.export.aoti import AotiPredictor, export_aoti
-
-        if precision == "bf16":
-            raise RuntimeError("aoti: bf16 not exported")
-        path = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}_{device.type}.pt2"
-        if not path.exists():
-            export_aoti(model, meta, path, device, precision == "fp16", max_batch=256)
-        pred = AotiPredictor(path, {**meta, "precision": precision}, device, precision)
-        return lambda: pred(x)
-    if backend == "tensorrt":
-        from boxseg.export.onnx import export_onnx
-        from boxseg.export.trt import TrtPredictor, build_engine, import_tensorrt
-
-        import_tensorrt()  # says how to install it when missing
-        if precision == "bf16":
-            raise RuntimeError("tensorrt: no bf16 engine here")
-        onnx_path = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}.onnx"
-        if not onnx_path.exists():
-            export_onnx(model, meta, onnx_path, fp16=precision == "fp16")
-        engine = workdir / f"{meta['kind']}_{meta['in_channels']}_{precision}_b{batch}.engine"
-        build_engine(onnx_path, meta, engine, precision == "fp16", batch)
-        pred = TrtPredictor(engine, meta, device, precision)
-        return lambda: pred(x)
-    raise ValueError(f"unknown backend {backend!r}")
+    return lambda: pred(x)
 
 
 def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], precisions: list[str],
@@ -168,7 +169,7 @@ def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], pr
                             torch.cuda.reset_peak_memory_stats(device)
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
-                            run = make_runner(backend, model, meta, precision, device, b, Path(tmp))
+                            run = make_runner(backend, model, meta, precision, device, b, Path(tmp), log)
                             lat = time_fn(run, device, warmup, iters)
                     except Exception as e:  # reported in the table: a backend that cannot run says why
                         row.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -200,7 +201,8 @@ def environment(device: torch.device) -> dict:
     env = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "torch": torch.__version__,
            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "boxseg": boxseg.__version__,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "tf32": False}
+           "threads": torch.get_num_threads(), "tf32": False,
+           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -217,7 +219,7 @@ def markdown(rows: list[BenchRow]) -> str:
         lines.append(f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {f(r.median_ms)} | {f(r.p90_ms)} | "
                      f"{f(r.p99_ms)} | {f(r.images_per_s)} | {f(r.gflop_per_image)} | {f(r.tflops)} | "
                      f"{f(r.matmul_tflops)} | {frac} | {f(r.peak_mem_mib)} | "
-                     f"{r.status + ': ' + r.note if r.backend in ('propose-e2e', 'model-only') else r.status} |")
+                     f"{r.status + ': ' + r.note if r.backend.startswith(('propose-e2e', 'model-only')) else r.status} |")
     return "\n".join(lines)
 
 
@@ -248,49 +250,54 @@ def rows_to_dicts(rows: list[BenchRow]) -> list[dict]:
 
 
 def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions: list[str], batches: list[int],
-              device: torch.device, workers: int, warmup: int, iters: int, log=print) -> list[BenchRow]:
-    """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, merge,
-    un-letterbox, PNG writes) on `images` (an ImageSet), against the model alone on inputs of
-    the same shape and batch. Throughput is in (image, class) pairs per second; the e2e row's
-    note gives e2e / model-only."""
+              device: torch.device, workers: int, warmup: int, iters: int, log=print,
+              backends: tuple[str, ...] = ("torch",)) -> list[BenchRow]:
+    """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, device
+    post-processing, download, PNG writes) on `images` (an ImageSet), against the same
+    Predictor alone on inputs of the same shape and batch. Throughput is in (image, class)
+    pairs per second; the e2e row's note gives e2e / model-only and the stage breakdown."""
     from boxseg.config import ProposalConfig
     from boxseg.propose import propose
 
     rows: list[BenchRow] = []
-    model = copy.deepcopy(model).to(device).eval()
-    for precision in precisions:
-        for b in batches:
-            if meta["in_channels"] != 4:
-                rows.append(BenchRow(name, "propose-e2e", precision, b, "not run: --e2e times a 4-channel "
-                                     "(round-1) SegNet2; a 5-channel one needs a SegNet1 as well"))
-                continue
-            ref = BenchRow(name, "model-only", precision, b, "ok")
-            try:
-                run = make_runner("torch", model, meta, precision, device, b, Path(tempfile.gettempdir()))
-                lat = time_fn(run, device, warmup, iters)
-            except Exception as e:  # noqa: BLE001 - reported in the table
-                ref.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                rows.append(ref)
-                continue
-            med = statistics.median(lat)
-            ref.median_ms, ref.p90_ms, ref.p99_ms = round(med, 3), round(_pct(lat, 0.9), 3), round(_pct(lat, 0.99), 3)
-            ref.images_per_s = round(b / (med / 1000), 2)
-            ref.note = "pairs/s; same shapes and batch as the pipeline's"
-            rows.append(ref)
-            row = BenchRow(name, "propose-e2e", precision, b, "ok")
-            runs = []
-            for rep in range(2):  # the first run warms up (workers, allocator, kernels); the second is timed
-                with tempfile.TemporaryDirectory() as out:
-                    r = propose(model, None, images, Path(out), meta["input_size"], ProposalConfig(batch=b), device,
-                                precision, workers)
-                runs.append(r)
-            r = runs[-1]
-            row.images_per_s = round(r.pairs / r.seconds, 2)
-            row.median_ms = round(1000 * r.seconds / max(1, -(-r.pairs // b)), 3)
-            ratio = row.images_per_s / ref.images_per_s
-            row.note = (f"pairs/s over {len(images)} images, {r.pairs} pairs (decode, model, merge, PNG write); "
-                        f"e2e / model-only = {100 * ratio:.0f}%; median_ms = wall time per batch")
-            rows.append(row)
-            log(f"e2e {precision} b{b}: {row.images_per_s} pairs/s end to end, {ref.images_per_s} model-only "
-                f"({100 * ratio:.0f}%)")
+    model = copy.deepcopy(model).eval()
+    with tempfile.TemporaryDirectory() as work:
+        for backend in backends:
+            for precision in precisions:
+                for b in batches:
+                    if meta["in_channels"] != 4:
+                        rows.append(BenchRow(name, "propose-e2e", precision, b, "not run: --e2e times a 4-channel "
+                                             "(round-1) SegNet2; a 5-channel one needs a SegNet1 as well"))
+                        continue
+                    ref = BenchRow(name, f"model-only {backend}", precision, b, "ok")
+                    try:
+                        pred = make_predictor(backend, model, meta, precision, device, b, Path(work), log)
+                        x = example_inputs(meta, b).to(device)
+                        lat = time_fn(lambda: pred(x), device, warmup, iters)
+                    except Exception as e:  # noqa: BLE001 - reported in the table
+                        ref.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        rows.append(ref)
+                        continue
+                    med = statistics.median(lat)
+                    ref.median_ms, ref.p90_ms, ref.p99_ms = round(med, 3), round(_pct(lat, 0.9), 3), round(_pct(lat, 0.99), 3)
+                    ref.images_per_s = round(b / (med / 1000), 2)
+                    ref.note = "pairs/s; same Predictor, shapes and batch as the pipeline's"
+                    rows.append(ref)
+                    row = BenchRow(name, f"propose-e2e {backend}", precision, b, "ok")
+                    runs = []
+                    for rep in range(2):  # the first run warms up (workers, allocator, kernels); the second is timed
+                        with tempfile.TemporaryDirectory() as out:
+                            runs.append(propose(pred, None, images, Path(out), meta["input_size"],
+                                                ProposalConfig(batch=b), device, precision, workers))
+                    r = runs[-1]
+                    row.images_per_s = round(r.pairs / r.seconds, 2)
+                    row.median_ms = round(1000 * r.seconds / max(1, -(-r.pairs // b)), 3)
+                    ratio = row.images_per_s / ref.images_per_s
+                    stages = ", ".join(f"{k} {v:.2f} s" for k, v in r.timing.items() if k not in ("wall", "device_busy"))
+                    row.note = (f"pairs/s over {len(images)} images, {r.pairs} pairs; e2e / model-only = "
+                                f"{100 * ratio:.0f}%; wall {r.seconds:.2f} s: {stages}; device busy "
+                                f"{100 * r.timing['device_busy']:.0f}%; median_ms = wall time per batch")
+                    rows.append(row)
+                    log(f"e2e {backend} {precision} b{b}: {row.images_per_s} pairs/s end to end, {ref.images_per_s} "
+                        f"model-only ({100 * ratio:.0f}%); {stages}")
     return rows

@@ -82,6 +82,8 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     amp: str = "bf16"                  # autocast dtype on CUDA: bf16 | fp16 | none
     workers: int = 4
+    infer_backend: str = "torch"       # proposals and val scores between rounds: torch | compile
+    infer_precision: str = "auto"      # auto (fp16 on CUDA, fp32 on CPU, as boxseg-propose) | fp32 | fp16 | bf16
     checkpoint_every: int = 500
     deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)

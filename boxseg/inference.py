@@ -1,4 +1,4 @@
-"""Inference with torch modules: SegNet1 label maps and scores, baseline label folders, and
+"""SegNet1 inference through a Predictor (probabilities, mIoU), baseline label folders, and
 scoring a label folder against ground truth (SegNet2 proposals: boxseg.propose)."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import torch
 
 from boxseg.data.files import read_label, write_label_png
 from boxseg.data.images import ImageSet
-from boxseg.data.transforms import MEAN_U8, letterbox, letterbox_params, normalize, unletterbox
+from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import NonFiniteOutput
 from boxseg.metrics import ConfusionMatrix, SegScores
+from boxseg.predict import Predictor, torch_predictor
+from boxseg.predict.image import letterbox, letterbox_params, normalize, probabilities
 
 if TYPE_CHECKING:
     from boxseg.crf import CRFParams
@@ -24,14 +26,23 @@ def _chunks(n: int, size: int) -> Iterator[range]:
         yield range(s, min(n, s + size))
 
 
+def as_segnet1_predictor(model, test_size: int, device: torch.device, precision: str = "fp32",
+                         batch: int = 16) -> Predictor:
+    """Consumers take Predictors; a torch module gets the eager one."""
+    if isinstance(model, Predictor):
+        return model
+    return torch_predictor(model, {"kind": "segnet1", "input_size": test_size}, device, precision, "torch", batch)
+
+
 @torch.no_grad()
-def segnet1_probs(model, images: list[np.ndarray], test_size: int, device: torch.device,
+def segnet1_probs(model: Predictor, images: list[np.ndarray], test_size: int, device: torch.device,
                   scales: tuple[float, ...] = (1.0,), flip: bool = False) -> list[torch.Tensor]:
-    """Softmax (C, h, w) per image from a torch module or any Predictor. Each image (scaled by
-    each of `scales`, and mirrored with `flip`) is padded to test_size (scaled down only if
-    larger); the probabilities are mapped back to the image and averaged."""
+    """Softmax (C, h, w) per image (float32, on the device) from a Predictor. Each image
+    (scaled by each of `scales`, and mirrored with `flip`) is padded to test_size (scaled down
+    only if larger); the probabilities are mapped back to the image and averaged."""
     from boxseg.data.transforms import resize
 
+    model = as_segnet1_predictor(model, test_size, device)
     sums: list[torch.Tensor | None] = [None] * len(images)
     for s in scales:
         for mirrored in ((False, True) if flip else (False,)):
@@ -41,9 +52,9 @@ def segnet1_probs(model, images: list[np.ndarray], test_size: int, device: torch
                 views.append(np.ascontiguousarray(v[:, ::-1]) if mirrored else v)
             lbs = [letterbox_params(*v.shape[:2], test_size, upscale=False) for v in views]
             canvas = np.stack([letterbox(v, lb, MEAN_U8) for v, lb in zip(views, lbs)])
-            logits = model(normalize(torch.from_numpy(canvas).to(device))).float()
+            logits = model(normalize(torch.from_numpy(canvas).to(device)))
             for k, lb in enumerate(lbs):
-                p = unletterbox(logits[k], lb).softmax(0)
+                p = probabilities(logits[k], lb)
                 if mirrored:
                     p = p.flip(-1)
                 if p.shape[-2:] != images[k].shape[:2]:
@@ -51,19 +62,19 @@ def segnet1_probs(model, images: list[np.ndarray], test_size: int, device: torch
                                                         align_corners=False)[0]
                 sums[k] = p if sums[k] is None else sums[k] + p
     n = len(scales) * (2 if flip else 1)
-    return [(t / n).cpu() for t in sums]
+    return [t / n for t in sums]
 
 
-def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.device, batch: int = 16,
+def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device: torch.device, batch: int = 16,
                      scales: tuple[float, ...] = (1.0,), flip: bool = False, progress: bool = False,
                      conf: ConfusionMatrix | None = None, crf: "CRFParams | None" = None) -> SegScores:
-    """mIoU of SegNet1 (a module or a Predictor) over a split with ground truth; with `crf`,
-    each image's probabilities are refined by boxseg.crf.dense_crf first."""
+    """mIoU of SegNet1 (a Predictor) over a split with ground truth; with `crf`, each image's
+    probabilities are refined by boxseg.crf.dense_crf first."""
     from tqdm import tqdm
 
-    if isinstance(model, torch.nn.Module):
-        model.eval()
     from boxseg.crf import dense_crf
+
+    model = as_segnet1_predictor(model, test_size, device, batch=batch)
 
     conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
     bad: list[str] = []
@@ -74,8 +85,8 @@ def evaluate_segnet1(model, images: ImageSet, test_size: int, device: torch.devi
                 bad.append(item.id)
                 continue
             if crf is not None:
-                p = dense_crf(p.to(device), torch.from_numpy(item.image).to(device), crf).cpu()
-            conf.update(p.argmax(0), torch.from_numpy(item.mask))
+                p = dense_crf(p, torch.from_numpy(item.image).to(device), crf)
+            conf.update(p.argmax(0).cpu(), torch.from_numpy(item.mask))
     if bad:
         raise NonFiniteOutput(bad, getattr(model, "precision", "fp32"))
     return conf.scores()

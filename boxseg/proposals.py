@@ -67,3 +67,57 @@ def instance_masks(probs: np.ndarray, classes: list[int], boxes: np.ndarray, lab
         m[r0:r1, c0:c1] = probs[index[int(lab)], r0:r1, c0:c1] >= threshold
         masks.append(m)
     return masks
+
+
+# -- the same rules on the device (boxseg.propose): byte-identical to the numpy ones above ----
+
+def range_masks(ranges: list, height: int, width: int, device) -> "torch.Tensor":
+    """bool (P, H, W): 1 inside any of each entry's pixel ranges (an int array (k, 4) of r0,
+    r1, c0, c1 as `box_pixel_range` gives), built on the device."""
+    import torch
+
+    kmax = max([1] + [len(r) for r in ranges])
+    padded = np.zeros((len(ranges), kmax, 4), np.int64)  # empty range (0, 0, 0, 0) for padding
+    for p, r in enumerate(ranges):
+        if len(r):
+            padded[p, : len(r)] = r
+    t = torch.from_numpy(padded).to(device, non_blocking=True)
+    yy = torch.arange(height, device=device).view(1, 1, height, 1)
+    xx = torch.arange(width, device=device).view(1, 1, 1, width)
+    r0, r1, c0, c1 = (t[..., j].view(len(ranges), kmax, 1, 1) for j in range(4))
+    return ((yy >= r0) & (yy < r1) & (xx >= c0) & (xx < c1)).any(1)
+
+
+def merge_foreground_torch(probs: "torch.Tensor", classes: list[int], inside: "torch.Tensor",
+                           box_ranges: np.ndarray, labels: np.ndarray, threshold: float = 0.5,
+                           margin: float = 0.1, class_margin: float = 0.1, mode: str = "ignore") -> "torch.Tensor":
+    """`merge_foreground` on the device. probs float32 (K, H, W); inside bool (K, H, W), the
+    union of classes[k]'s boxes (`range_masks`); box_ranges int (N, 4) the boxes' pixel
+    ranges and labels (N,) their classes (for mode "order"). Returns uint8 (H, W)."""
+    import torch
+
+    k, h, w = probs.shape
+    out = torch.zeros((h, w), dtype=torch.uint8, device=probs.device)
+    if k == 0:
+        return out
+    if mode == "order":
+        index = {c: j for j, c in enumerate(classes)}
+        for (r0, r1, c0, c1), lab in zip(box_ranges.tolist(), labels.tolist()):
+            region = out[r0:r1, c0:c1]
+            region[probs[index[int(lab)], r0:r1, c0:c1] >= threshold] = int(lab)
+        return out
+    if mode != "ignore":
+        raise ValueError(f"merge mode must be 'ignore' or 'order', not {mode!r}")
+    p = torch.where(inside, probs, torch.full((), -1.0, dtype=probs.dtype, device=probs.device))
+    best = p.argmax(0)  # the first of equal maxima, as numpy's stable argsort
+    if k > 1:
+        top = p.topk(2, dim=0).values
+        p1, p2 = top[0], top[1]
+    else:
+        p1, p2 = p[0], torch.full((h, w), -1.0, dtype=probs.dtype, device=probs.device)
+    any_inside = inside.any(0)
+    cls = torch.tensor(classes, dtype=torch.uint8, device=probs.device)[best]
+    out = torch.where(any_inside & (p1 >= threshold), cls, out)
+    uncertain = (p1 - threshold).abs() < margin
+    close = (p2 >= threshold - margin) & (p1 - p2 < class_margin)
+    return out.masked_fill_(any_inside & (uncertain | close), IGNORE)

@@ -1,25 +1,32 @@
 """Region proposals at scale: every (image, class with boxes) pair through SegNet2, batched
 across images, merged into one label map per image (METHOD.md).
 
-The pipeline, per fixed-size batch of pairs:
-  DataLoader workers decode each image, letterbox it to the network size (uint8) and turn
-  its boxes into integer pixel ranges on the canvas;
-  the device receives each image of the batch once as uint8, normalises it, builds the box
-  mask of every pair from the ranges, runs SegNet1 once per image for the score-map channel
-  (round >= 2), runs SegNet2 on the pairs, and maps the foreground probabilities back to
-  the image exactly (crop the letterbox, resize to the original size);
-  the host merges an image's class maps (`merge_foreground`) as soon as all its pairs are
-  done, and a thread pool writes the label PNG atomically (and the per-box instance masks).
+The pipeline is a chain of stages with bounded queues:
+  decode    DataLoader worker processes decode each image, letterbox it to the network size
+            and compute its boxes' pixel ranges (on the canvas and on the image); a chunk of
+            images arrives as one uint8 (B, S, S, 3) tensor, pinned on CUDA;
+  upload    one non-blocking copy per chunk;
+  model     pairs in fixed-size batches (`cfg.batch`; only the last is short): box masks and
+            the score-map channel (SegNet1, once per image) built on the device, SegNet2
+            through its Predictor (any backend);
+  post      on the device: softmax, exact un-letterbox to the image's size, the merge rule
+            (`merge_foreground_torch`, byte-identical to the numpy reference) and per-box
+            instance masks, for every image whose pairs are all done;
+  download  one device-to-host copy per batch of all its finished images' uint8 outputs;
+  write     a thread pool encodes the PNGs (Pillow releases the GIL while encoding) and
+            writes them atomically; at most `2 x writers` batches wait for it, so memory
+            stays bounded whatever the set size.
+On CUDA every device stage is queued asynchronously, so the host work of batch n (writing)
+overlaps the device work of batch n+1. `ProposalRun.timing` says where the wall time went.
 An image whose PNG exists is not computed again, so a rerun completes only what is missing.
-Outputs do not depend on the batch size: every pair's computation is independent of the
-others in its batch (eval-mode networks), which the tests check bitwise on CPU fp32.
+Outputs do not depend on the batch size (eval-mode networks; tested bitwise on CPU fp32).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,19 +41,21 @@ from boxseg.data.boxes import box_pixel_range
 from boxseg.data.coco import encode_rle
 from boxseg.data.files import write_bytes_atomic, write_label_png
 from boxseg.data.images import ImageSet
-from boxseg.data.transforms import MEAN_U8, Letterbox, letterbox, letterbox_params, unletterbox
+from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint
-from boxseg.proposals import instance_masks, merge_foreground
+from boxseg.predict import Predictor, torch_predictor
+from boxseg.predict.image import Letterbox, letterbox, letterbox_params, unletterbox
+from boxseg.proposals import merge_foreground_torch, range_masks
 from boxseg.train.segnet2 import segnet2_inputs
 
-Model = Callable[[torch.Tensor], torch.Tensor]  # float (B, C, S, S) -> logits (B, K, S/s, S/s)
-PRECISIONS = ("fp32", "fp16", "bf16")
+STAGES = ("wait_decode", "upload", "model", "post", "download", "wait_writers")
 
 
 class _Decoded(Dataset):
-    """Worker side: decode, letterbox, box pixel ranges on the canvas. Errors are returned
-    as records (not raised in the worker) so the main process reports them with the file."""
+    """Worker side: decode, letterbox, box pixel ranges on the canvas and on the image.
+    Errors are returned as records (not raised in the worker) so the main process reports
+    them with the file."""
 
     def __init__(self, images: ImageSet, indices: list[int], size: int):
         self.dataset, self.ids, self.indices, self.size = images.dataset, images, indices, size
@@ -66,41 +75,46 @@ class _Decoded(Dataset):
         labels = np.asarray(s.labels, np.int64)
         boxes = np.asarray(s.boxes, np.float32).reshape(-1, 4)
         ranges = np.array([box_pixel_range(b * lb.scale, self.size, self.size) for b in boxes], np.int64).reshape(-1, 4)
+        image_ranges = np.array([box_pixel_range(b, h, w) for b in boxes], np.int64).reshape(-1, 4)
         return {"index": i, "id": sample_id, "canvas": letterbox(s.image, lb, MEAN_U8), "lb": lb,
-                "boxes": boxes, "labels": labels, "ranges": ranges, "classes": sorted(set(labels.tolist()))}
+                "boxes": boxes, "labels": labels, "ranges": ranges, "image_ranges": image_ranges,
+                "classes": sorted(set(labels.tolist()))}
 
 
-def _first(batch: list[dict]) -> dict:
-    return batch[0]
+def _collate(recs: list[dict]) -> dict:
+    """A chunk of decoded images: one uint8 (B, S, S, 3) tensor of the good ones' canvases."""
+    good = [r for r in recs if "error" not in r]
+    canvases = torch.from_numpy(np.stack([r.pop("canvas") for r in good])) if good else None
+    return {"canvases": canvases, "records": recs}
 
 
-@dataclass
-class _Pending:
-    rec: dict
-    probs: dict[int, np.ndarray] = field(default_factory=dict)
+class _Clock:
+    """Seconds per stage. On CUDA, device stages are timed by events read back when the
+    batch's download is complete (no synchronisation in the main loop)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals = dict.fromkeys(STAGES, 0.0)
+        self.lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self.lock:
+            self.totals[stage] += seconds
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def between(self, a, b) -> float:
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
 def box_masks(ranges: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
-    """float (P, S, S): 1 inside any of each pair's boxes, given as pixel ranges r0, r1, c0, c1
-    (the rows/cols `union_box_mask` fills), built on the device."""
-    kmax = max(1, max(len(r) for r in ranges))
-    padded = np.zeros((len(ranges), kmax, 4), np.int64)  # empty range (0, 0, 0, 0) for padding
-    for p, r in enumerate(ranges):
-        padded[p, : len(r)] = r
-    t = torch.from_numpy(padded).to(device)
-    yy = torch.arange(size, device=device).view(1, 1, size, 1)
-    xx = torch.arange(size, device=device).view(1, 1, 1, size)
-    r0, r1, c0, c1 = (t[..., j].view(len(ranges), kmax, 1, 1) for j in range(4))
-    inside = (yy >= r0) & (yy < r1) & (xx >= c0) & (xx < c1)
-    return inside.any(1).float()
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    """float (P, S, S): 1 inside any of each pair's boxes, given as canvas pixel ranges."""
+    return range_masks(ranges, size, size, device).float()
 
 
 @dataclass
@@ -111,157 +125,254 @@ class ProposalRun:
     pairs: int = 0
     failed: list[dict] = field(default_factory=list)     # non-finite outputs, nothing written
     seconds: float = 0.0
-    model_seconds: float = 0.0
+    timing: dict = field(default_factory=dict)            # seconds per stage (STAGES), device_busy
+
+    @property
+    def model_seconds(self) -> float:
+        return self.timing.get("model", 0.0)
 
     def to_dict(self) -> dict:
         d = {"written": self.written, "skipped_existing": self.skipped_existing, "pairs": self.pairs,
-             "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3)}
+             "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
+             "stages": {k: round(v, 4) for k, v in self.timing.items()}}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
             d["pairs_per_s"] = round(self.pairs / self.seconds, 2)
         return d
 
 
+@dataclass
+class _Image:
+    rec: dict
+    canvas: torch.Tensor                                          # uint8 (S, S, 3) on the device
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)   # class -> fg probability (S', S')
+    finite: dict[int, torch.Tensor] = field(default_factory=dict)  # class -> bool: the whole map is finite
+
+
+def _as_predictor(model, kind: str, size: int, device: torch.device, precision: str, batch: int) -> Predictor | None:
+    """Consumers take Predictors; a torch module (a test's, a caller's) gets the eager one."""
+    if model is None or isinstance(model, Predictor):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return torch_predictor(model, {"kind": kind, "input_size": size}, device, precision, "torch", batch)
+    raise TypeError(f"expected a Predictor or a torch module, not {type(model).__name__}")
+
+
 @torch.no_grad()
-def propose(segnet2: Model, segnet1: Model | None, images: ImageSet, out_dir: Path, size: int, cfg: ProposalConfig,
+def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: ProposalConfig,
             device: torch.device, precision: str = "fp32", workers: int = 0, instances: bool = False,
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
-            progress: bool = False, writers: int = 2) -> ProposalRun:
+            progress: bool = False, writers: int = 2, chunk: int = 16) -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
-    image of this shard that lacks one. `segnet2` / `segnet1` are torch modules or any
-    Predictor with the same call signature. A bad image raises DataError naming the file,
-    or with `skip_bad` is logged in `log` and skipped."""
+    image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
+    is wrapped in the eager one at `precision`). A bad image raises DataError naming the
+    file, or with `skip_bad` is logged in `log` and skipped. `chunk` images are decoded and
+    uploaded together."""
     from tqdm import tqdm
 
+    device = torch.device(device)
+    segnet2 = _as_predictor(segnet2, "segnet2", size, device, precision, cfg.batch)
+    segnet1 = _as_predictor(segnet1, "segnet1", size, device, precision, cfg.batch)
     log = log if log is not None else BadInputLog()
     out_dir.mkdir(parents=True, exist_ok=True)
     if instances:
         (out_dir / "instances").mkdir(exist_ok=True)
-    for m in (segnet2, segnet1):
-        if isinstance(m, torch.nn.Module):
-            m.eval()
     rank, world = shard
     mine = list(range(rank, len(images), world))
     todo = [i for i in mine if not _done(out_dir, images.id(i), instances)]
     run = ProposalRun(skipped_existing=len(mine) - len(todo))
-    loader = DataLoader(_Decoded(images, todo, size), batch_size=1, collate_fn=_first, num_workers=workers,
-                        prefetch_factor=4 if workers else None)
-    pending: OrderedDict[int, _Pending] = OrderedDict()
+    cuda = device.type == "cuda"
+    loader = DataLoader(_Decoded(images, todo, size), batch_size=max(1, chunk), collate_fn=_collate,
+                        num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=cuda,
+                        persistent_workers=False)
+    clock = _Clock(device)
+    pending: dict[int, _Image] = {}
     queue: list[tuple[int, int]] = []
-    pool = ThreadPoolExecutor(max(1, writers))
+    pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write")
+    slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
     futures: list[Future] = []
-    t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="proposals", unit="img", disable=not progress, leave=False)
+    t0 = time.perf_counter()
 
-    def finish(i: int) -> None:
-        st = pending.pop(i)
-        rec = st.rec
-        lb: Letterbox = rec["lb"]
-        probs = (np.stack([st.probs[c] for c in rec["classes"]]) if rec["classes"]
-                 else np.zeros((0, lb.h, lb.w), np.float32))  # an image without boxes: all background
-        futures.append(pool.submit(_write_image, out_dir, rec, probs, cfg, instances))
-        run.written += 1
-        bar.update(1)
+    def post(done: list[int], t_model) -> None:
+        """Device post-processing of the finished images, one download, hand to the writers."""
+        parts: list[torch.Tensor] = []
+        layout = []
+        for i in done:
+            st = pending.pop(i)
+            rec = st.rec
+            lb: Letterbox = rec["lb"]
+            classes = rec["classes"]
+            if classes:
+                probs = unletterbox(torch.stack([st.maps[c] for c in classes]), lb)
+                finite = torch.stack([st.finite[c] for c in classes])
+                inside = range_masks([rec["image_ranges"][rec["labels"] == c] for c in classes], lb.h, lb.w, device)
+                label = merge_foreground_torch(probs, classes, inside, rec["image_ranges"], rec["labels"],
+                                               cfg.threshold, cfg.margin, cfg.class_margin, cfg.merge)
+            else:  # an image without boxes: all background
+                finite = torch.ones(0, dtype=torch.bool, device=device)
+                label = torch.zeros((lb.h, lb.w), dtype=torch.uint8, device=device)
+            item = [finite.to(torch.uint8), label.flatten()]
+            crops = []
+            if instances and classes:
+                index = {c: j for j, c in enumerate(classes)}
+                scores = []
+                for (r0, r1, c0, c1), lab in zip(rec["image_ranges"].tolist(), rec["labels"].tolist()):
+                    p = probs[index[lab], r0:r1, c0:c1]
+                    m = p >= cfg.threshold
+                    scores.append(torch.where(m, p, 0).sum() / m.sum().clamp(min=1))
+                    crops.append((r0, r1, c0, c1))
+                    item.append(m.flatten().to(torch.uint8))
+                item.append(torch.stack(scores).float().view(torch.uint8))
+            parts += item
+            layout.append((rec, [t.numel() for t in item], crops))
+        t_post = clock.mark()
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+        host = flat.to("cpu", non_blocking=True) if cuda else flat
+        ready = clock.mark()
+        if cuda:
+            host_done = torch.cuda.Event()
+            host_done.record()
+        tw = time.perf_counter()
+        slots.acquire()
+        clock.add("wait_writers", time.perf_counter() - tw)
+        times = (t_model, t_post, ready)
+        futures.append(pool.submit(_write_batch, out_dir, host, layout, host_done if cuda else None, times, clock,
+                                   cfg, instances, run, slots, precision))
+        bar.update(len(done))
 
     def flush(pairs: list[tuple[int, int]]) -> None:
-        tm = time.perf_counter()
+        t_in = clock.mark()
         order = list(dict.fromkeys(i for i, _ in pairs))         # the batch's images, each once
         pos = {i: k for k, i in enumerate(order)}
-        canvases = torch.from_numpy(np.stack([pending[i].rec["canvas"] for i in order])).to(device)
-        img_idx = torch.tensor([pos[i] for i, _ in pairs], device=device)
-        cls = torch.tensor([m for _, m in pairs], device=device)
+        canvases = torch.stack([pending[i].canvas for i in order])
+        img_idx = torch.tensor([pos[i] for i, _ in pairs]).to(device, non_blocking=True)
+        cls = torch.tensor([m for _, m in pairs]).to(device, non_blocking=True)
         ranges = [pending[i].rec["ranges"][pending[i].rec["labels"] == m] for i, m in pairs]
-        with autocast_for(device, precision):
-            logits = segnet2(segnet2_inputs(canvases, box_masks(ranges, size, device), cls, segnet1, img_idx))
-        fg = logits.float().softmax(1)[:, 1]
-        bad = ~torch.isfinite(fg.flatten(1)).all(1)
-        for k in bad.nonzero().flatten().tolist():
-            i, m = pairs[k]
-            run.failed.append({"id": pending[i].rec["id"], "class": m,
-                               "problem": f"non-finite network output at {precision} (overflow?); not written"})
-        # map back per image: one resize for all of an image's classes in this batch
-        for i in order:
-            ks = [k for k, (j, _) in enumerate(pairs) if j == i]
-            maps = unletterbox(fg[ks], pending[i].rec["lb"]).cpu().numpy()
-            for k, mp in zip(ks, maps):
-                pending[i].probs[pairs[k][1]] = mp
+        logits = segnet2(segnet2_inputs(canvases, box_masks(ranges, size, device), cls, segnet1, img_idx))
+        fg = logits.softmax(1)[:, 1]
+        finite = torch.isfinite(fg.flatten(1)).all(1)
+        for k, (i, m) in enumerate(pairs):
+            pending[i].maps[m], pending[i].finite[m] = fg[k], finite[k]
+        t_model = clock.mark()
+        if not cuda:
+            clock.add("model", t_model - t_in)
         run.pairs += len(pairs)
-        run.model_seconds += time.perf_counter() - tm
         failpoint("propose.batch")
-        failed_ids = {f["id"] for f in run.failed}
-        for i in order:
-            st = pending.get(i)
-            if st is not None and len(st.probs) == len(st.rec["classes"]):
-                if st.rec["id"] in failed_ids:
-                    pending.pop(i)
-                    bar.update(1)
-                else:
-                    finish(i)
+        post([i for i in order if len(pending[i].maps) == len(pending[i].rec["classes"])], (t_in, t_model))
 
     try:
-        for rec in loader:
-            if "error" in rec:
-                err = DataError(*rec["error"])
-                if not skip_bad:
-                    raise err
-                log.skip(err, item=rec["id"])
-                bar.update(1)
-                continue
-            i = rec["index"]
-            pending[i] = _Pending(rec)
-            if not rec["classes"]:
-                finish(i)
-                continue
-            queue += [(i, m) for m in rec["classes"]]
-            while len(queue) >= cfg.batch:
-                flush(queue[: cfg.batch])
-                queue = queue[cfg.batch:]
-            _reap(futures)
+        it = iter(loader)
+        while True:
+            tw = time.perf_counter()
+            batch = next(it, None)
+            clock.add("wait_decode", time.perf_counter() - tw)
+            if batch is None:
+                break
+            tu = time.perf_counter()
+            canvases = batch["canvases"].to(device, non_blocking=True) if batch["canvases"] is not None else None
+            clock.add("upload", time.perf_counter() - tu)  # on CUDA: the time to queue it
+            k = 0
+            for rec in batch["records"]:
+                if "error" in rec:
+                    err = DataError(*rec["error"])
+                    if not skip_bad:
+                        raise err
+                    log.skip(err, item=rec["id"])
+                    bar.update(1)
+                    continue
+                i = rec["index"]
+                pending[i] = _Image(rec, canvases[k])
+                k += 1
+                if not rec["classes"]:
+                    post([i], None)
+                    continue
+                queue += [(i, m) for m in rec["classes"]]
+                while len(queue) >= cfg.batch:
+                    flush(queue[: cfg.batch])
+                    queue = queue[cfg.batch:]
+            run.written += _reap(futures)
         if queue:
             flush(queue)
-        for f in futures:
-            f.result()  # re-raise a write error here
+        tw = time.perf_counter()
+        run.written += sum(f.result() for f in futures)  # re-raises a write error here
+        futures.clear()
+        clock.add("wait_writers", time.perf_counter() - tw)
     finally:
         pool.shutdown(wait=True)
         bar.close()
     run.seconds = time.perf_counter() - t0
+    busy = clock.totals["model"] + clock.totals["post"] + (clock.totals["download"] if cuda else 0.0)
+    run.timing = {**clock.totals, "wall": run.seconds,
+                  "device_busy": (busy / run.seconds) if run.seconds > 0 else 0.0}
     return run
 
 
-def _reap(futures: list[Future]) -> None:
-    """Drop finished writes (re-raising a write error) so the list stays short."""
-    still = []
+def _write_batch(out_dir: Path, host: torch.Tensor, layout: list, host_done, times, clock: _Clock,
+                 cfg: ProposalConfig, instances: bool, run: ProposalRun, slots: threading.Semaphore,
+                 precision: str) -> int:
+    """Writer thread: wait for the batch's download, split it, write each image's outputs;
+    the PNG goes last since its presence marks the image done. Returns the images written."""
+    written = 0
+    try:
+        if host_done is not None:
+            host_done.synchronize()
+            t_model, t_post, ready = times
+            if t_model is not None:
+                clock.add("model", clock.between(t_model[0], t_model[1]))
+                clock.add("post", clock.between(t_model[1], t_post))
+            clock.add("download", clock.between(t_post, ready))
+        elif times[0] is not None:
+            t_model, t_post, ready = times
+            clock.add("post", t_post - t_model[1])
+            clock.add("download", ready - t_post)
+        buf = host.numpy()
+        at = 0
+        for rec, sizes, crops in layout:
+            pieces = []
+            for n in sizes:
+                pieces.append(buf[at: at + n])
+                at += n
+            finite, label = pieces[0], pieces[1]
+            lb = rec["lb"]
+            if not finite.all():
+                for c, ok in zip(rec["classes"], finite.tolist()):
+                    if not ok:
+                        run.failed.append({"id": rec["id"], "class": c, "problem":
+                                           f"non-finite network output at {precision} (overflow?); not written"})
+                continue
+            if instances:
+                scores = pieces[-1].view(np.float32) if crops else np.zeros(0, np.float32)
+                dets = []
+                for k, ((r0, r1, c0, c1), lab, box) in enumerate(zip(crops, rec["labels"], rec["boxes"])):
+                    mask = np.zeros((lb.h, lb.w), bool)
+                    mask[r0:r1, c0:c1] = pieces[2 + k].reshape(r1 - r0, c1 - c0).astype(bool)
+                    score = float(scores[k]) if mask.any() else 0.0
+                    dets.append({"label": int(lab), "box": [round(float(v), 2) for v in box], "score": round(score, 5),
+                                 "segmentation": encode_rle(mask)})
+                write_bytes_atomic(out_dir / "instances" / f"{rec['id']}.json", json.dumps(dets).encode())
+            write_label_png(out_dir / f"{rec['id']}.png", label.reshape(lb.h, lb.w))
+            written += 1
+    finally:
+        slots.release()
+    return written
+
+
+def _reap(futures: list[Future]) -> int:
+    """Drop finished writes (re-raising a write error) so the list stays short; returns the
+    images they wrote."""
+    still, written = [], 0
     for f in futures:
         if f.done():
-            f.result()
+            written += f.result()
         else:
             still.append(f)
     futures[:] = still
+    return written
 
 
 def _done(out_dir: Path, sample_id: str, instances: bool) -> bool:
     return (out_dir / f"{sample_id}.png").exists() and (not instances or (out_dir / "instances" / f"{sample_id}.json").exists())
-
-
-def _write_image(out_dir: Path, rec: dict, probs: np.ndarray, cfg: ProposalConfig, instances: bool) -> None:
-    """Merge and write one image's outputs; the PNG goes last since its presence marks the image done."""
-    if not rec["classes"]:
-        label = np.zeros(probs.shape[1:], np.uint8)
-    else:
-        label = merge_foreground(probs, rec["classes"], rec["boxes"], rec["labels"], cfg.threshold, cfg.margin,
-                                 cfg.class_margin, cfg.merge)
-    if instances:
-        dets = []
-        if rec["classes"]:
-            masks = instance_masks(probs, rec["classes"], rec["boxes"], rec["labels"], cfg.threshold)
-            index = {c: j for j, c in enumerate(rec["classes"])}
-            for mask, lab, box in zip(masks, rec["labels"], rec["boxes"]):
-                p = probs[index[int(lab)]]
-                score = float(p[mask].mean()) if mask.any() else 0.0
-                dets.append({"label": int(lab), "box": [round(float(v), 2) for v in box], "score": round(score, 5),
-                             "segmentation": encode_rle(mask)})
-        write_bytes_atomic(out_dir / "instances" / f"{rec['id']}.json", json.dumps(dets).encode())
-    write_label_png(out_dir / f"{rec['id']}.png", label)
 
 
 def coco_results(out_dir: Path, images: ImageSet, coco_ids: tuple[int, ...], image_id: Callable[[int], int]) -> list[dict]:

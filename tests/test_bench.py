@@ -42,11 +42,14 @@ def test_e2e_times_the_proposal_pipeline_against_the_model(world, tmp_path):
     images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
     rows = bench_e2e(build_model(meta).eval(), meta, "segnet2@96", images, ["fp32"], [8], torch.device("cpu"),
                      workers=0, warmup=1, iters=2, log=lambda s: None)
-    assert [(r.backend, r.status) for r in rows] == [("model-only", "ok"), ("propose-e2e", "ok")]
+    assert [(r.backend, r.status) for r in rows] == [("model-only torch", "ok"), ("propose-e2e torch", "ok")]
     model_only, e2e = rows
     assert model_only.images_per_s > 0 and e2e.images_per_s > 0 and e2e.median_ms > 0
     n_pairs = len(images.class_pairs())
     assert f"{n_pairs} pairs" in e2e.note and "e2e / model-only = " in e2e.note
+    # the stage breakdown: every stage named with its seconds, and the device's busy share
+    for stage in ("wait_decode", "upload", "model", "post", "download", "wait_writers", "device busy"):
+        assert stage in e2e.note, e2e.note
     assert "e2e / model-only" in markdown(rows)
     five = segnet2_meta(SegNet2Config(widths=(16, 16, 24, 24), blocks=1, bottom_blocks=1, stem_channels=8,
                                       input_size=96), 5)

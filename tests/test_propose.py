@@ -170,17 +170,18 @@ def test_cli_bad_image_named_or_skipped(world_copy, tmp_path, ckpts):
 
 def test_non_finite_output_is_reported_not_written(world, tmp_path):
     images = _train_set(world)
-    segnet2 = _model(segnet2_meta(S2, 4), 0)
-    first = {}
+    from boxseg.predict.torch_backends import TorchPredictor
 
-    def model(x):
-        y = segnet2(x)
-        if "n" not in first:
-            first["n"] = 1
-            y = y.clone()
-            y[0] = float("nan")
-        return y
+    class FirstOutputNaN(TorchPredictor):  # a backend whose first output overflows
+        def run(self, x):
+            y = super().run(x)
+            if not hasattr(self, "seen"):
+                self.seen = True
+                y = y.clone()
+                y[0] = float("nan")
+            return y
 
+    model = FirstOutputNaN(_model(segnet2_meta(S2, 4), 0), segnet2_meta(S2, 4), torch.device("cpu"), "fp32", 3)
     run = propose(model, None, images, tmp_path / "p", S2.input_size, ProposalConfig(batch=3), torch.device("cpu"))
     assert len(run.failed) == 1 and "non-finite" in run.failed[0]["problem"]
     failed_id = run.failed[0]["id"]

@@ -36,8 +36,10 @@ def _model(spec: str, preset: str, size: int | None):
               help="segnet1, segnet2, segnet2-5ch (random weights of --preset) or a checkpoint.")
 @click.option("--preset", default="paper", show_default=True, help="Network sizes for segnet1/segnet2.")
 @click.option("--size", type=int, help="Input side (default: the preset's: SegNet1 test_size, SegNet2 input_size).")
-@click.option("--backends", default="torch,torch-cl,onnxruntime", show_default=True,
-              help="Comma list of torch, torch-cl (channels_last), compile, aoti, onnxruntime, tensorrt.")
+@click.option("--backends", default=None,
+              help="Comma list of torch (the Predictor's own memory format), torch-cl / torch-nchw (eager with "
+                   "channels_last / contiguous forced), compile, aoti, onnxruntime, tensorrt. Default: "
+                   "torch,torch-cl,onnxruntime; with --e2e: torch.")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @click.option("--precision", "precisions", default="fp32", show_default=True, help="Comma list of fp32, fp16, bf16.")
 @click.option("--device", default="auto", show_default=True)
@@ -82,9 +84,10 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
         root = voc_root or synth_world("tiny", 0)[2]
         images = ImageSet(VOCDataset(root, "train"), NUM_VOC_CLASSES)
         rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
-                         log=lambda s: click.echo(s, err=True))
+                         log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")))
     else:
-        rows = bench(model, meta, name, backends.split(","), precision_list, batch_list, dev, warmup, iters,
+        rows = bench(model, meta, name, (backends or "torch,torch-cl,onnxruntime").split(","), precision_list,
+                     batch_list, dev, warmup, iters,
                      log=lambda s: click.echo(s, err=True))
     env = environment(dev)
     command = "boxseg-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])

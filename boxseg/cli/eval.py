@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from boxseg.predict import BACKENDS, default_precision
 from boxseg.report.plots import confusion_png
 
 
@@ -31,11 +32,16 @@ def iou_table(names: list[str], iou: list) -> str:
 @click.option("--crf", is_flag=True, help="Refine with boxseg's dense CRF (DeepLab's kernels in an 11x11 window, "
               "10 mean-field iterations; boxseg.crf).")
 @click.option("--batch", type=int, default=16, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Default: fp16 on CUDA, fp32 on CPU (as boxseg-propose).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). A checkpoint "
+                   "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
 @click.option("--skip-bad", is_flag=True)
-def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precision, device, out_dir, skip_bad) -> None:
+def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precision, backend, device, out_dir,
+         skip_bad) -> None:
     """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""
     from boxseg.cli.propose import open_target
     from boxseg.cli.train import resolve_device
@@ -52,6 +58,7 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
         raise click.BadParameter(f"not a comma list of numbers: {scales!r}", param_hint="--scales") from None
     split = split or ("val" if model_path else "train")
     dev = resolve_device(device)
+    precision = precision or default_precision(dev)
     log = BadInputLog()
     t0 = time.perf_counter()
     try:
@@ -60,9 +67,10 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
         res: dict = {"split": split, "data": target.describe}
         if model_path is not None:
             from boxseg.inference import evaluate_segnet1
-            from boxseg.predictor import load_predictor
+            from boxseg.export.artifacts import open_predictor
 
-            pred = load_predictor(model_path, dev, precision, expect_kind="segnet1")
+            pred = open_predictor(model_path, dev, precision, backend, "segnet1", batch,
+                                  log=lambda s: click.echo(s, err=True))
             if pred.meta["num_classes"] != target.images.num_classes:
                 raise DataError(model_path, f"predicts {pred.meta['num_classes']} classes; the split has "
                                             f"{target.images.num_classes}")

@@ -21,7 +21,8 @@ import click
 @click.option("--trt", "do_trt", is_flag=True, help="A TensorRT engine built from the ONNX file (needs tensorrt and a GPU).")
 @click.option("--aoti", "do_aoti", is_flag=True, help="An AOTInductor package (.pt2) for --device.")
 @click.option("--batch", type=int, default=64, show_default=True,
-              help="TensorRT profile: min 1 / opt BATCH / max 2 x BATCH; AOTI: max batch 2 x BATCH.")
+              help="TensorRT profile: min 1 / opt BATCH / max 2 x BATCH; AOTI: the package's static batch "
+                   "(shorter batches are padded by the Predictor).")
 @click.option("--device", default="auto", show_default=True, help="Device for AOTI compilation (auto, cpu, cuda).")
 def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset, do_trt, do_aoti, batch, device) -> None:
     """Write the artifacts and ARTIFACT.json (metadata with the parity result) into --out."""
@@ -69,10 +70,15 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
             click.echo(f"error: {e}", err=True)
             sys.exit(4)
     if do_aoti:
-        from boxseg.export.aoti import export_aoti
+        from boxseg.export.aoti import AotiExportError, export_aoti
 
         dev = resolve_device(device)
-        report(out_dir / f"{stem}.pt2", export_aoti(model, meta, out_dir / f"{stem}.pt2", dev, fp16, 2 * batch))
+        try:  # compiled in a child process: a crash in torch's compiler is reported, with its phase
+            art = export_aoti(model, meta, out_dir / f"{stem}.pt2", dev, fp16, batch, log=click.echo)
+        except AotiExportError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(6)
+        report(out_dir / f"{stem}.pt2", art)
     if failed:
         click.echo("error: a parity check failed (see above); the artifact is written but should not be trusted",
                    err=True)

@@ -12,6 +12,7 @@ import click
 
 from boxseg.config import ProposalConfig
 from boxseg.errors import BadInputLog, DataError
+from boxseg.predict import BACKENDS, default_precision
 from boxseg.versions import library_versions
 
 METHODS = ("learned", "box", "box-centre", "grabcut")
@@ -74,8 +75,11 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="ignore: METHOD.md's rule; order: the reference code's (no 255).")
 @click.option("--box-centre-fraction", type=float, default=0.5, show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable inputs instead of stopping.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). A checkpoint "
+                   "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, instances, threshold, margin, class_margin, merge, box_centre_fraction, skip_bad) -> None:
+         workers, instances, threshold, margin, class_margin, merge, box_centre_fraction, skip_bad, backend) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
     from boxseg.cli.train import resolve_device
@@ -86,7 +90,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     dev = resolve_device(device)
     dist.init_from_env(dev)
     rank, world = dist.rank_world()
-    precision = precision or ("fp16" if dev.type == "cuda" else "fp32")
+    precision = precision or default_precision(dev)
     cfg = ProposalConfig(threshold=threshold, margin=margin, class_margin=class_margin, merge=merge, batch=batch)
     log = BadInputLog()
     try:
@@ -95,7 +99,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
             if model_path is None:
                 raise click.UsageError("--method learned needs --model (a SegNet2 checkpoint or artifact)")
             info, run = _learned(model_path, segnet1_path, target, out_dir, cfg, dev, precision, workers, instances,
-                                 skip_bad, log, (rank, world))
+                                 skip_bad, log, (rank, world), backend)
         else:
             if instances:
                 raise click.UsageError("--instances is for --method learned")
@@ -129,16 +133,18 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
 
 
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
-             log, shard):
-    from boxseg.predictor import load_predictor
+             log, shard, backend=None):
+    from boxseg.export.artifacts import open_predictor
     from boxseg.propose import propose
 
-    segnet2 = load_predictor(model_path, dev, precision, expect_kind="segnet2")
+    say = lambda s: click.echo(s, err=True)  # noqa: E731
+    segnet2 = open_predictor(model_path, dev, precision, backend, "segnet2", cfg.batch, log=say)
     segnet1 = None
     if segnet2.meta["in_channels"] == 5:
         if segnet1_path is None:
             raise click.UsageError(f"{model_path} is a 5-channel SegNet2 (round >= 2): pass --segnet1")
-        segnet1 = load_predictor(segnet1_path, dev, precision, expect_kind="segnet1")
+        segnet1 = open_predictor(segnet1_path, dev, precision, backend, "segnet1", cfg.batch, log=say,
+                                 input_size=segnet2.meta["input_size"])
         if segnet1.meta["num_classes"] != len(target.names):
             raise DataError(segnet1_path, f"SegNet1 has {segnet1.meta['num_classes']} classes; this dataset has "
                                           f"{len(target.names)}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from boxseg.data.files import atomic_path
-from boxseg.errors import DataError
 from boxseg.export.common import example_inputs, export_parity, write_sidecar
+from boxseg.predict.onnxruntime import OrtPredictor, check_onnx_file  # noqa: F401  (re-exported for callers)
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -44,8 +44,6 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, fp16: bool = Fal
     precision = "fp16" if fp16 else "fp32"
     with torch.no_grad():
         ref = model(x)
-    from boxseg.export.ort import OrtPredictor
-
     out = OrtPredictor(path, meta, torch.device("cpu"), precision)(x)
     p = export_parity(ref, out, meta["kind"], precision, "onnxruntime CPUExecutionProvider", batch)
     art = {**meta, "artifact": "onnx", "precision": precision, "opset": opset, "dynamic_batch": dynamic_batch,
@@ -53,29 +51,3 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, fp16: bool = Fal
            "input_name": INPUT, "output_name": OUTPUT, "parity": p}
     write_sidecar(path, art)
     return art
-
-
-def check_onnx_file(path: Path) -> None:
-    """Refuse a model file that is a symlink (as `load_predictor` does for every artifact), or
-    whose external data lies outside its folder or is reached through a symlink."""
-    import onnx
-
-    if path.is_symlink():
-        raise DataError(path, "refused: the ONNX file is a symbolic link")
-    folder = path.parent.resolve()
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and others for a malformed protobuf
-        raise DataError(path, f"not a readable ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        tensors += [a.t for a in node.attribute if a.HasField("t")]
-    for t in tensors:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        loc = {e.key: e.value for e in t.external_data}.get("location", "")
-        target = path.parent / loc
-        if target.is_symlink():
-            raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} is a symbolic link")
-        if Path(loc).is_absolute() or not target.resolve().is_relative_to(folder):
-            raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} lies outside {folder}")

@@ -12,27 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from boxseg.data.files import write_bytes_atomic
 from boxseg.errors import DataError
 from boxseg.export.common import write_sidecar
-from boxseg.predictor import Predictor
-
-INSTALL_HINT = ("TensorRT is not installed: `pip install tensorrt` (NVIDIA's wheels; needs a CUDA GPU and "
-                "access to pypi.nvidia.com), or use --onnx / --aoti")
-
-
-class TensorRTMissing(RuntimeError):
-    pass
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTMissing(f"{INSTALL_HINT} ({e})") from None
-    return trt
+from boxseg.predict.tensorrt import TensorRTMissing, import_tensorrt  # noqa: F401  (re-exported)
 
 
 def trt_major(trt) -> int:
@@ -76,33 +59,3 @@ def build_engine(onnx_path: Path, meta: dict, engine_path: Path, fp16: bool, bat
            "profile": {"min": 1, "opt": batch, "max": 2 * batch}, "from_onnx": onnx_path.name}
     write_sidecar(engine_path, art)
     return art
-
-
-class TrtPredictor(Predictor):
-    backend = "tensorrt"
-
-    def __init__(self, path: Path, meta: dict, device: torch.device, precision: str):
-        super().__init__(meta, device, precision)
-        if device.type != "cuda":
-            raise ValueError("a TensorRT engine runs on a CUDA device only")
-        trt = import_tensorrt()
-        self.trt = trt
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-        if self.engine is None:
-            raise DataError(path, "TensorRT cannot deserialize this engine (other TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
-        self.dtypes = {n: (torch.float16 if self.engine.get_tensor_dtype(n) == trt.DataType.HALF else torch.float32)
-                       for n in ("input", "logits")}
-        self.provider = f"TensorRT {trt.__version__}"
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, self.dtypes["input"]).contiguous()
-        self.context.set_input_shape("input", tuple(x.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=self.dtypes["logits"], device=self.device)
-        self.context.set_tensor_address("input", x.data_ptr())
-        self.context.set_tensor_address("logits", out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        return out.float()

@@ -85,12 +85,12 @@ def _stage_rows(run_dir: Path) -> dict[str, list[dict]]:
 def build_report(run_dir: Path, out_dir: Path, voc_root: Path, n_images: int = 8,
                  bench: list[Path] | None = None, device: torch.device = torch.device("cpu"),
                  train_split: str = "train", val_split: str = "val",
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = print, precision: str | None = None, backend: str = "torch") -> Path:
     """Write out_dir/index.html (and img/) for the run in `run_dir`, whose target data is the
     VOC tree `voc_root`. Returns the page's path."""
     from boxseg.inference import evaluate_segnet1, segnet1_probs
     from boxseg.metrics import ConfusionMatrix
-    from boxseg.models.meta import load_checkpoint_model
+    from boxseg.predict import default_precision, load_predictor
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     res_path = run_dir / "results.json"
@@ -125,8 +125,8 @@ def build_report(run_dir: Path, out_dir: Path, voc_root: Path, n_images: int = 8
         scores.append(gallery.image_miou(read_label(path, NUM_VOC_CLASSES, gt.shape), gt, NUM_VOC_CLASSES))
     chosen = gallery.pick(scores, n_images)
     seg1_path = run_dir / "stages" / f"segnet1_r{final}" / "final.pt"
-    segnet1, meta1 = load_checkpoint_model(seg1_path, expect_kind="segnet1")
-    segnet1 = segnet1.to(device).eval()
+    segnet1 = load_predictor(seg1_path, device, precision or default_precision(device), backend, "segnet1", 16)
+    meta1 = segnet1.meta
     columns = ["image and boxes"] + [f"proposal, round {r}" for r in rounds] + ["SegNet1 prediction", "ground truth"]
     rows = []
     with torch.no_grad():
@@ -136,7 +136,7 @@ def build_report(run_dir: Path, out_dir: Path, voc_root: Path, n_images: int = 8
             for r in rounds:
                 p = run_dir / "proposals" / f"target_r{r}" / f"{item.id}.png"
                 pics.append(gallery.label_picture(read_label(p, NUM_VOC_CLASSES, item.image.shape[:2])))
-            pred = segnet1_probs(segnet1, [item.image], meta1["input_size"], device)[0].argmax(0).numpy()
+            pred = segnet1_probs(segnet1, [item.image], meta1["input_size"], device)[0].argmax(0).cpu().numpy()
             pics.append(gallery.label_picture(pred.astype(np.uint8)))
             pics.append(gallery.label_picture(item.mask))
             cells = []

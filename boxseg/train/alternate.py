@@ -29,6 +29,8 @@ from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint
 from boxseg.inference import evaluate_segnet1, gt_reader, label_reader, score_label_dir, write_baseline
+from boxseg.models.meta import segnet2_meta
+from boxseg.predict import Predictor, default_precision, torch_predictor
 from boxseg.propose import propose
 from boxseg.train import dist
 from boxseg.train.loop import Stage
@@ -111,8 +113,25 @@ class Scheme:
         return train_segnet1(self.stage(name, iters or c.iters, c.batch), images, label_of, classes, c,
                              self.seed(name), self.device, self.cfg.amp, indices, self.progress)
 
+    @property
+    def infer_precision(self) -> str:
+        p = self.cfg.infer_precision
+        return default_precision(self.device) if p == "auto" else p
+
+    def predictor(self, model: torch.nn.Module | None, kind: str, batch: int) -> Predictor | None:
+        """The round's network as the Predictor boxseg-propose / boxseg-eval would build for it
+        (backend `infer_backend`, precision `infer_precision`)."""
+        if model is None:
+            return None
+        if kind == "segnet2":
+            meta = segnet2_meta(self.cfg.segnet2, model.in_channels)
+        else:
+            meta = {"kind": "segnet1", "input_size": self.cfg.segnet1.test_size}
+        return torch_predictor(model, meta, self.device, self.infer_precision, self.cfg.infer_backend, batch)
+
     def val_miou(self, model) -> dict:
-        scores = evaluate_segnet1(model, self.data.val, self.cfg.segnet1.test_size, self.device)
+        pred = self.predictor(model, "segnet1", 16)
+        scores = evaluate_segnet1(pred, self.data.val, self.cfg.segnet1.test_size, self.device)
         return {"val_miou": scores.miou, "val_iou": scores.iou}
 
     def target_labels(self, prop_dir: Path, semi: list[int]):
@@ -168,9 +187,11 @@ class Scheme:
         if self._done(out):
             return
         if dist.is_main():
-            run = propose(segnet2, segnet1, images, out, self.cfg.segnet2.input_size, self.cfg.proposals,
-                          self.device, progress=self.progress)
-            self._mark_done(out, run.to_dict())
+            b = self.cfg.proposals.batch
+            seg2, seg1 = self.predictor(segnet2, "segnet2", b), self.predictor(segnet1, "segnet1", b)
+            run = propose(seg2, seg1, images, out, self.cfg.segnet2.input_size, self.cfg.proposals,
+                          self.device, self.infer_precision, self.cfg.workers, progress=self.progress)
+            self._mark_done(out, {**run.to_dict(), "predictor": seg2.describe(), "precision": self.infer_precision})
         dist.barrier()
 
     def baseline(self, name: str) -> None:
@@ -233,7 +254,8 @@ def results_table(res: dict) -> str:
 # Fields a resumed run may change: the first three do not change what is computed; a learning
 # rate (lowered after the loss diverged, say) applies to the stages not yet finished, and
 # each stage's metrics.csv records the rate it used at every iteration.
-RESUMABLE_CHANGES = {"workers", "device", "checkpoint_every", "segnet1.lr", "segnet2.lr"}
+RESUMABLE_CHANGES = {"workers", "device", "checkpoint_every", "segnet1.lr", "segnet2.lr", "infer_backend",
+                     "infer_precision"}
 
 
 def prepare_run(cfg: TrainConfig, run_dir: Path) -> None:

@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 from boxseg.config import SegNet1Config
 from boxseg.data.classes import IGNORE, ClassMap
 from boxseg.data.images import ImageSet
-from boxseg.data.transforms import normalize, random_scale_crop
+from boxseg.data.transforms import random_scale_crop
+from boxseg.predict.image import normalize
 from boxseg.models.largefov import LargeFOV
 from boxseg.models.meta import segnet1_meta
 from boxseg.models.vgg import load_vgg16_state

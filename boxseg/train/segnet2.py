@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 from boxseg.config import SegNet2Config
 from boxseg.data.coco import class_sample
 from boxseg.data.images import ImageSet
-from boxseg.data.transforms import crop_around_boxes, normalize
+from boxseg.data.transforms import crop_around_boxes
+from boxseg.predict.image import normalize
 from boxseg.models.hourglass import Hourglass
 from boxseg.models.meta import segnet2_meta
 from boxseg.train.loop import Stage, run_stage

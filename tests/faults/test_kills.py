@@ -114,7 +114,7 @@ def test_propose_killed_then_rerun_equals_uninterrupted(world, reference_run, tm
                          ids=["during the ONNX write", "during the metadata write"])
 def test_export_killed_then_rerun_equals_uninterrupted(reference_run, tmp_path, point):
     from boxseg.errors import DataError
-    from boxseg.predictor import load_predictor
+    from boxseg.predict import load_predictor
 
     model = reference_run / "stages" / "segnet2_r1" / "final.pt"
     ref, out = tmp_path / "ref", tmp_path / "out"

@@ -1,0 +1,111 @@
+"""onnxruntime: providers passed explicitly and the one in use checked; inputs and outputs
+bound in place (IO binding) to the torch tensors' memory, on CUDA as on CPU, so no batch
+makes a round trip through numpy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from boxseg.errors import DataError
+from boxseg.predict.base import Predictor
+
+_ORT_TYPES = {"tensor(float16)": (torch.float16, np.float16), "tensor(float)": (torch.float32, np.float32)}
+
+
+class ProviderFallback(RuntimeError):
+    """onnxruntime silently chose another execution provider than the one asked for."""
+
+
+def check_onnx_file(path: Path) -> None:
+    """Refuse a model file that is a symlink (as `load_predictor` does for every artifact), or
+    whose external data lies outside its folder or is reached through a symlink."""
+    import onnx
+
+    if path.is_symlink():
+        raise DataError(path, "refused: the ONNX file is a symbolic link")
+    folder = path.parent.resolve()
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others for a malformed protobuf
+        raise DataError(path, f"not a readable ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = {e.key: e.value for e in t.external_data}.get("location", "")
+        target = path.parent / loc
+        if target.is_symlink():
+            raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} is a symbolic link")
+        if Path(loc).is_absolute() or not target.resolve().is_relative_to(folder):
+            raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} lies outside {folder}")
+
+
+class OrtPredictor(Predictor):
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, meta: dict, device: torch.device, precision: str, batch: int = 64):
+        import onnxruntime as ort
+
+        super().__init__(meta, device, precision, batch)
+        path = Path(path)
+        check_onnx_file(path)
+        wanted = "CUDAExecutionProvider" if self.device.type == "cuda" else "CPUExecutionProvider"
+        if wanted not in ort.get_available_providers():
+            raise ProviderFallback(f"{wanted} is not available in this onnxruntime ({ort.get_available_providers()}); "
+                                   f"install onnxruntime-gpu for CUDA")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = [(wanted, {"device_id": self.device.index or 0})] if self.device.type == "cuda" else [wanted]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise DataError(path, f"onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+        used = self.session.get_providers()[0]
+        if used != wanted:
+            raise ProviderFallback(f"{path}: asked onnxruntime for {wanted}, it uses {used}")
+        self.provider = used
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        if inp.type not in _ORT_TYPES or out.type not in _ORT_TYPES:
+            raise DataError(path, f"graph input/output types {inp.type}/{out.type}; expected float or float16")
+        self.in_types, self.out_types = _ORT_TYPES[inp.type], _ORT_TYPES[out.type]
+        size = meta["input_size"]
+        self.static_hw = tuple(inp.shape[2:]) if all(isinstance(d, int) for d in inp.shape[2:]) else None
+        if inp.shape[1] != meta["in_channels"] or self.static_hw not in (None, (size, size)):
+            raise DataError(path, f"graph input {inp.shape} does not match its metadata "
+                                  f"({meta['in_channels']}, {size}, {size})")
+        self.out_chw = tuple(out.shape[1:]) if all(isinstance(d, int) for d in out.shape[1:]) else None
+        self._out_hw: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.path = path
+        self.binding = self.session.io_binding()
+        self.ort_device = "cuda" if self.device.type == "cuda" else "cpu"
+
+    def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.static_hw is not None and self.out_chw is not None:
+            return (x.shape[0], *self.out_chw)
+        hw = tuple(x.shape[2:])
+        if hw not in self._out_hw:  # a dynamic-size graph: learn the output shape once per input size
+            probe = np.zeros((1, *x.shape[1:]), self.in_types[1])
+            self._out_hw[hw] = self.session.run([self.output_name], {self.input_name: probe})[0].shape[1:]
+        return (x.shape[0], *self._out_hw[hw])
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_hw is not None and tuple(x.shape[2:]) != self.static_hw:
+            raise ValueError(f"{self.path} takes {self.static_hw[0]}x{self.static_hw[1]} inputs, not "
+                             f"{x.shape[2]}x{x.shape[3]}; export it with --dynamic-size to run at other sizes "
+                             f"(a SegNet1 feeding SegNet2's score map runs at SegNet2's input size)")
+        x = x.to(self.device, self.in_types[0]).contiguous()
+        out = torch.empty(self._out_shape(x), dtype=self.out_types[0], device=self.device)
+        idx = self.device.index or 0
+        b = self.binding
+        b.bind_input(self.input_name, self.ort_device, idx, self.in_types[1], tuple(x.shape), x.data_ptr())
+        b.bind_output(self.output_name, self.ort_device, idx, self.out_types[1], tuple(out.shape), out.data_ptr())
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # x was written on torch's stream
+        self.session.run_with_iobinding(b)  # returns after the provider's stream is synchronised
+        return out
