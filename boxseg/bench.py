@@ -95,7 +95,7 @@ VARIANTS = {"torch-cl": torch.channels_last, "torch-nchw": torch.contiguous_form
 
 
 def make_predictor(backend: str, model: torch.nn.Module, meta: dict, precision: str, device: torch.device,
-                   batch: int, workdir: Path, log=print):
+                   batch: int, workdir: Path, log=print, compile_mode: str | None = "auto"):
     """The Predictor a user gets for `backend` (boxseg.predict), or an exception saying why
     not. torch-cl / torch-nchw are the eager Predictor with its memory format forced (the
     measurement behind `memory_format_for`)."""
@@ -105,7 +105,7 @@ def make_predictor(backend: str, model: torch.nn.Module, meta: dict, precision: 
     if backend in ("torch", "torch-cl", "torch-nchw"):
         return TorchPredictor(model, meta, device, precision, batch, VARIANTS.get(backend))
     if backend == "compile":
-        return CompiledPredictor(model, meta, device, precision, batch)
+        return CompiledPredictor(model, meta, device, precision, batch, compile_mode)
     if precision == "bf16":
         raise RuntimeError(f"{backend}: boxseg exports fp32 and fp16 artifacts only")
     fp16 = precision == "fp16"
@@ -140,15 +140,16 @@ def make_predictor(backend: str, model: torch.nn.Module, meta: dict, precision: 
 
 
 def make_runner(backend: str, model: torch.nn.Module, meta: dict, precision: str, device: torch.device,
-                batch: int, workdir: Path, log=print):
+                batch: int, workdir: Path, log=print, compile_mode: str | None = "auto"):
     """A no-argument callable that runs one batch through the Predictor, as consumers call it."""
-    pred = make_predictor(backend, model, meta, precision, device, batch, workdir, log)
+    pred = make_predictor(backend, model, meta, precision, device, batch, workdir, log, compile_mode)
     x = example_inputs(meta, batch).to(device)
     return lambda: pred(x)
 
 
 def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], precisions: list[str],
-          batches: list[int], device: torch.device, warmup: int, iters: int, log=print) -> list[BenchRow]:
+          batches: list[int], device: torch.device, warmup: int, iters: int, log=print,
+          compile_mode: str | None = "auto") -> list[BenchRow]:
     rows: list[BenchRow] = []
     x1 = example_inputs(meta, 1)
     gflop = flops_per_image(copy.deepcopy(model).eval(), x1) / 1e9
@@ -169,7 +170,7 @@ def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], pr
                             torch.cuda.reset_peak_memory_stats(device)
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
-                            run = make_runner(backend, model, meta, precision, device, b, Path(tmp), log)
+                            run = make_runner(backend, model, meta, precision, device, b, Path(tmp), log, compile_mode)
                             lat = time_fn(run, device, warmup, iters)
                     except Exception as e:  # reported in the table: a backend that cannot run says why
                         row.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -251,7 +252,7 @@ def rows_to_dicts(rows: list[BenchRow]) -> list[dict]:
 
 def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions: list[str], batches: list[int],
               device: torch.device, workers: int, warmup: int, iters: int, log=print,
-              backends: tuple[str, ...] = ("torch",)) -> list[BenchRow]:
+              backends: tuple[str, ...] = ("torch",), compile_mode: str | None = "auto") -> list[BenchRow]:
     """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, device
     post-processing, download, PNG writes) on `images` (an ImageSet), against the same
     Predictor alone on inputs of the same shape and batch. Throughput is in (image, class)
@@ -271,7 +272,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                         continue
                     ref = BenchRow(name, f"model-only {backend}", precision, b, "ok")
                     try:
-                        pred = make_predictor(backend, model, meta, precision, device, b, Path(work), log)
+                        pred = make_predictor(backend, model, meta, precision, device, b, Path(work), log, compile_mode)
                         x = example_inputs(meta, b).to(device)
                         lat = time_fn(lambda: pred(x), device, warmup, iters)
                     except Exception as e:  # noqa: BLE001 - reported in the table

@@ -81,6 +81,17 @@ class _Decoded(Dataset):
                 "classes": sorted(set(labels.tolist()))}
 
 
+def _background(*_) -> None:
+    """Decoders and writers yield the CPU to the model: on a CPU device the network's threads
+    use every core, and a parallel region slowed by one busy core waits for its straggler."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the usual priority
+        pass
+
+
 def _collate(recs: list[dict]) -> dict:
     """A chunk of decoded images: one uint8 (B, S, S, 3) tensor of the good ones' canvases."""
     good = [r for r in recs if "error" not in r]
@@ -184,61 +195,45 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     cuda = device.type == "cuda"
     loader = DataLoader(_Decoded(images, todo, size), batch_size=max(1, chunk), collate_fn=_collate,
                         num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=cuda,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=_background if not cuda else None)
     clock = _Clock(device)
     pending: dict[int, _Image] = {}
     queue: list[tuple[int, int]] = []
-    pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write")
+    pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write",
+                              initializer=_background if not cuda else None)
     slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
     futures: list[Future] = []
     bar = tqdm(total=len(todo), desc="proposals", unit="img", disable=not progress, leave=False)
+    threads = torch.get_num_threads()
+    if not cuda and threads > 1:  # one core for decoding, post-processing and writing; the rest for the model
+        torch.set_num_threads(threads - 1)
     t0 = time.perf_counter()
 
     def post(done: list[int], t_model) -> None:
-        """Device post-processing of the finished images, one download, hand to the writers."""
-        parts: list[torch.Tensor] = []
-        layout = []
+        """Hand the finished images to the writers: on CUDA after the device post-processing
+        and one download per batch; on a CPU device the writer threads post-process too, so
+        the model's threads keep their cores."""
+        entries = []
         for i in done:
             st = pending.pop(i)
-            rec = st.rec
-            lb: Letterbox = rec["lb"]
-            classes = rec["classes"]
-            if classes:
-                probs = unletterbox(torch.stack([st.maps[c] for c in classes]), lb)
-                finite = torch.stack([st.finite[c] for c in classes])
-                inside = range_masks([rec["image_ranges"][rec["labels"] == c] for c in classes], lb.h, lb.w, device)
-                label = merge_foreground_torch(probs, classes, inside, rec["image_ranges"], rec["labels"],
-                                               cfg.threshold, cfg.margin, cfg.class_margin, cfg.merge)
-            else:  # an image without boxes: all background
-                finite = torch.ones(0, dtype=torch.bool, device=device)
-                label = torch.zeros((lb.h, lb.w), dtype=torch.uint8, device=device)
-            item = [finite.to(torch.uint8), label.flatten()]
-            crops = []
-            if instances and classes:
-                index = {c: j for j, c in enumerate(classes)}
-                scores = []
-                for (r0, r1, c0, c1), lab in zip(rec["image_ranges"].tolist(), rec["labels"].tolist()):
-                    p = probs[index[lab], r0:r1, c0:c1]
-                    m = p >= cfg.threshold
-                    scores.append(torch.where(m, p, 0).sum() / m.sum().clamp(min=1))
-                    crops.append((r0, r1, c0, c1))
-                    item.append(m.flatten().to(torch.uint8))
-                item.append(torch.stack(scores).float().view(torch.uint8))
-            parts += item
-            layout.append((rec, [t.numel() for t in item], crops))
-        t_post = clock.mark()
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
-        host = flat.to("cpu", non_blocking=True) if cuda else flat
-        ready = clock.mark()
+            classes = st.rec["classes"]
+            maps = torch.stack([st.maps[c] for c in classes]) if classes else None
+            finite = torch.stack([st.finite[c] for c in classes]) if classes else None
+            entries.append((st.rec, maps, finite))
         if cuda:
+            flat, layout = _post_process(entries, cfg, instances, device)
+            t_post = clock.mark()
+            host = flat.to("cpu", non_blocking=True)
+            ready = clock.mark()
             host_done = torch.cuda.Event()
             host_done.record()
+            job = (host, layout, host_done, (t_model, t_post, ready))
+        else:
+            job = (None, entries, None, None)
         tw = time.perf_counter()
         slots.acquire()
         clock.add("wait_writers", time.perf_counter() - tw)
-        times = (t_model, t_post, ready)
-        futures.append(pool.submit(_write_batch, out_dir, host, layout, host_done if cuda else None, times, clock,
-                                   cfg, instances, run, slots, precision))
+        futures.append(pool.submit(_write_batch, out_dir, job, clock, cfg, instances, run, slots, precision, device))
         bar.update(len(done))
 
     def flush(pairs: list[tuple[int, int]]) -> None:
@@ -301,20 +296,59 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     finally:
         pool.shutdown(wait=True)
         bar.close()
+        torch.set_num_threads(threads)
     run.seconds = time.perf_counter() - t0
-    busy = clock.totals["model"] + clock.totals["post"] + (clock.totals["download"] if cuda else 0.0)
+    # the device's busy share: on CUDA model + post + download (GPU time); on a CPU device
+    # the model stage, which owns the model's cores (post-processing runs in the writers)
+    busy = clock.totals["model"] + (clock.totals["post"] + clock.totals["download"] if cuda else 0.0)
     run.timing = {**clock.totals, "wall": run.seconds,
                   "device_busy": (busy / run.seconds) if run.seconds > 0 else 0.0}
     return run
 
 
-def _write_batch(out_dir: Path, host: torch.Tensor, layout: list, host_done, times, clock: _Clock,
-                 cfg: ProposalConfig, instances: bool, run: ProposalRun, slots: threading.Semaphore,
-                 precision: str) -> int:
-    """Writer thread: wait for the batch's download, split it, write each image's outputs;
-    the PNG goes last since its presence marks the image done. Returns the images written."""
+def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: torch.device):
+    """Finished images -> one flat uint8 tensor on `device` and its layout. Per image:
+    whether each class's map is finite (K bytes), the merged label map (h*w bytes) and, with
+    `instances`, each box's mask inside its box and the boxes' scores (float32 as bytes)."""
+    parts: list[torch.Tensor] = []
+    layout = []
+    for rec, maps, finite in entries:
+        lb: Letterbox = rec["lb"]
+        classes = rec["classes"]
+        if classes:
+            probs = unletterbox(maps, lb)
+            inside = range_masks([rec["image_ranges"][rec["labels"] == c] for c in classes], lb.h, lb.w, device)
+            label = merge_foreground_torch(probs, classes, inside, rec["image_ranges"], rec["labels"],
+                                           cfg.threshold, cfg.margin, cfg.class_margin, cfg.merge)
+        else:  # an image without boxes: all background
+            finite = torch.ones(0, dtype=torch.bool, device=device)
+            label = torch.zeros((lb.h, lb.w), dtype=torch.uint8, device=device)
+        item = [finite.to(torch.uint8), label.flatten()]
+        crops = []
+        if instances and classes:
+            index = {c: j for j, c in enumerate(classes)}
+            scores = []
+            for (r0, r1, c0, c1), lab in zip(rec["image_ranges"].tolist(), rec["labels"].tolist()):
+                p = probs[index[lab], r0:r1, c0:c1]
+                m = p >= cfg.threshold
+                scores.append(torch.where(m, p, 0).sum() / m.sum().clamp(min=1))
+                crops.append((r0, r1, c0, c1))
+                item.append(m.flatten().to(torch.uint8))
+            item.append(torch.stack(scores).float().view(torch.uint8))
+        parts += item
+        layout.append((rec, [t.numel() for t in item], crops))
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
+    return flat, layout
+
+
+def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, instances: bool, run: ProposalRun,
+                 slots: threading.Semaphore, precision: str, device: torch.device) -> int:
+    """Writer thread: wait for the batch's download (CUDA) or post-process it here (CPU),
+    split it, write each image's outputs; the PNG goes last since its presence marks the
+    image done. Returns the images written."""
     written = 0
     try:
+        host, layout, host_done, times = job
         if host_done is not None:
             host_done.synchronize()
             t_model, t_post, ready = times
@@ -322,10 +356,10 @@ def _write_batch(out_dir: Path, host: torch.Tensor, layout: list, host_done, tim
                 clock.add("model", clock.between(t_model[0], t_model[1]))
                 clock.add("post", clock.between(t_model[1], t_post))
             clock.add("download", clock.between(t_post, ready))
-        elif times[0] is not None:
-            t_model, t_post, ready = times
-            clock.add("post", t_post - t_model[1])
-            clock.add("download", ready - t_post)
+        else:
+            tp = time.perf_counter()
+            host, layout = _post_process(layout, cfg, instances, device)
+            clock.add("post", time.perf_counter() - tp)
         buf = host.numpy()
         at = 0
         for rec, sizes, crops in layout:

@@ -47,7 +47,7 @@ def test_eval_crf_flag(world, tmp_path):
     from boxseg.config import SegNet1Config
     from boxseg.data.classes import VOC_TARGET_CLASSES
     from boxseg.models.meta import build_model, segnet1_meta
-    from boxseg.train.checkpoint import save_checkpoint
+    from boxseg.models.checkpoint import save_checkpoint
 
     meta = segnet1_meta(SegNet1Config(width=0.125, batch_norm=True, dropout=0.0, convs_per_block=(1, 1, 1, 1, 1),
                                       fc6_dilation=2, test_size=97), VOC_TARGET_CLASSES)

@@ -25,7 +25,7 @@ from boxseg.data.images import ImageSet
 from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
 from boxseg.propose import propose
-from boxseg.train.checkpoint import save_checkpoint
+from boxseg.models.checkpoint import save_checkpoint
 
 from conftest import first_id
 
@@ -118,6 +118,12 @@ def test_cli_manifest_quality_and_baselines(world, tmp_path, ckpts):
     assert m["model_meta"]["kind"] == "segnet2" and m["config"]["batch"] == 7 and m["precision"] == "fp32"
     assert 0.0 <= m["quality"]["miou"] <= 1.0 and "aeroplane" in m["quality"]["per_class_iou"]
     assert m["timing"]["pairs_per_s"] > 0 and not list(out.glob("manifest.rank*.json"))
+    # the stage breakdown: every stage timed, together no more than the wall time (one process)
+    st = m["timing"]["stages"]
+    assert set(st) == {"wait_decode", "upload", "model", "post", "download", "wait_writers", "wall"}
+    assert st["model"] > 0 and st["wall"] == pytest.approx(m["timing"]["seconds"], abs=1e-3)
+    assert st["wait_decode"] + st["model"] + st["upload"] <= st["wall"] and 0 < m["timing"]["device_busy"] <= 1
+    assert "where the time went: wait_decode" in r.output
     # a rerun writes nothing new
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), *args])
     assert json.loads((out / "manifest.json").read_text())["counts"]["skipped_existing"] == n

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from boxseg.errors import DataError
-from boxseg.train.checkpoint import load_state_file, save_checkpoint
+from boxseg.models.checkpoint import load_state_file, save_checkpoint
 from boxseg.train.loop import KeySampler, Stage, TrainingDiverged, run_stage
 
 

@@ -51,8 +51,11 @@ def _model(spec: str, preset: str, size: int | None):
               "in (image, class) pairs/s, on --voc-root's train split (default: the synthetic world).")
 @click.option("--voc-root", type=click.Path(path_type=Path), help="Images for --e2e.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
+@click.option("--compile-mode", default="auto", show_default=True,
+              help="torch.compile mode of the compile backend: auto (max-autotune on CUDA, default on CPU), "
+                   "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")
 def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag, e2e, voc_root,
-         workers) -> None:
+         workers, compile_mode) -> None:
     """Time the model; write TAG.jsonl, TAG.md and TAG.png into --out."""
     import torch
 
@@ -64,6 +67,7 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (stated in the results)
         torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True  # as every Predictor sets it (boxseg.predict.base)
     from boxseg.errors import DataError
 
     try:
@@ -84,11 +88,11 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
         root = voc_root or synth_world("tiny", 0)[2]
         images = ImageSet(VOCDataset(root, "train"), NUM_VOC_CLASSES)
         rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
-                         log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")))
+                         log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
+                         compile_mode=compile_mode)
     else:
         rows = bench(model, meta, name, (backends or "torch,torch-cl,onnxruntime").split(","), precision_list,
-                     batch_list, dev, warmup, iters,
-                     log=lambda s: click.echo(s, err=True))
+                     batch_list, dev, warmup, iters, log=lambda s: click.echo(s, err=True), compile_mode=compile_mode)
     env = environment(dev)
     command = "boxseg-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     tag = tag or f"{spec.replace('/', '_')}_{meta['input_size']}_{env.get('gpu', 'cpu').replace(' ', '-')}"

@@ -66,3 +66,7 @@ def check(root: Path, images: Path | None) -> None:
     for r in reports:
         click.echo(r.render())
     sys.exit(0 if all(r.ok for r in reports) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -180,8 +180,15 @@ def _merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
     counts = {"images": len(list(out_dir.glob("*.png"))), "written": written,
               "skipped_existing": sum(r["skipped_existing"] for r in runs), "pairs": sum(r["pairs"] for r in runs),
               "skipped_bad": len(skipped), "failed": len(failed)}
+    stages: dict = {}
+    for r in runs:  # seconds per pipeline stage, summed over ranks (boxseg.propose.STAGES)
+        for k, v in r.get("stages", {}).items():
+            if k != "device_busy":
+                stages[k] = round(stages.get(k, 0.0) + v, 4)
+    busy = [r["stages"]["device_busy"] for r in runs if "device_busy" in r.get("stages", {})]
     timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
-              "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs)}
+              "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs), "stages": stages,
+              "device_busy": round(sum(busy) / len(busy), 4) if busy else None}
     if secs > 0:
         timing["images_per_s"] = round(written / secs, 2)
         timing["pairs_per_s"] = round(counts["pairs"] / secs, 2)
@@ -227,6 +234,10 @@ def _report(m: dict, out_dir: Path) -> None:
     click.echo(f"{m['method']}: wrote {c['written']} (already there {c['skipped_existing']}, bad {c['skipped_bad']}, "
                f"failed {c['failed']}); {c['pairs']} pairs in {t['seconds']:.1f} s"
                + (f" = {t['images_per_s']:.1f} images/s, {t['pairs_per_s']:.1f} pairs/s" if t.get("images_per_s") else ""))
+    if t.get("stages"):
+        click.echo("where the time went: " + ", ".join(f"{k} {v:.2f} s" for k, v in t["stages"].items() if k != "wall")
+                   + (f"; device busy {100 * t['device_busy']:.0f}% of the wall time" if t.get("device_busy") is not None
+                      else ""))
     if "miou" in q:
         click.echo(f"proposal mIoU {100 * q['miou']:.2f} (coverage {100 * q['coverage']:.1f}%)")
     if isinstance(q.get("mask_ap"), dict):

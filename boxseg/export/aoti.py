@@ -29,6 +29,7 @@ import torch
 from boxseg.data.files import atomic_path
 from boxseg.export.common import example_inputs, export_parity, write_sidecar
 from boxseg.predict.aoti import AotiPredictor
+from boxseg.predict.base import memory_format_for
 
 PHASE = "aoti phase:"
 
@@ -64,14 +65,17 @@ def export_aoti_inprocess(model: torch.nn.Module, meta: dict, path: Path, device
     net = copy.deepcopy(model).to(dtype)
     example_batch = 2 if dynamic_batch else batch
     x = example_inputs(meta, example_batch).to(device)
-    if device.type == "cuda" and fp16:
-        net = net.to(memory_format=torch.channels_last)
+    # the package is compiled for one input layout and does not check the strides it is given:
+    # the layout (the Predictor's, boxseg.predict.base.memory_format_for) is recorded and the
+    # AotiPredictor feeds exactly that
+    fmt = memory_format_for(device, precision)
+    net = net.to(memory_format=fmt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _phase(log, f"torch.export ({'dynamic batch <= ' + str(batch) if dynamic_batch else 'batch ' + str(batch)}, "
                          f"{precision}, {device.type})"):
             shapes = {"x": {0: torch.export.Dim("batch", min=1, max=batch)}} if dynamic_batch else None
-            ep = torch.export.export(net, (x.to(dtype),), dynamic_shapes=shapes)
+            ep = torch.export.export(net, (x.to(dtype).contiguous(memory_format=fmt),), dynamic_shapes=shapes)
         with _phase(log, f"AOTInductor compile and package (C++{' + Triton' if device.type == 'cuda' else ''}"
                          f"{', max-autotune' if autotune else ''})"), atomic_path(path) as tmp:
             pkg = tmp.with_suffix(".pt2")
@@ -79,7 +83,8 @@ def export_aoti_inprocess(model: torch.nn.Module, meta: dict, path: Path, device
                                                      inductor_configs={"max_autotune": bool(autotune)})
             pkg.replace(tmp)
     art = {**meta, "artifact": "aoti", "precision": precision, "device": device.type,
-           "static_batch": None if dynamic_batch else batch, "max_batch": batch}
+           "static_batch": None if dynamic_batch else batch, "max_batch": batch,
+           "input_memory_format": "channels_last" if fmt == torch.channels_last else "contiguous"}
     with _phase(log, "load the package and check parity"), torch.no_grad():
         ref = model(x)
         out = AotiPredictor(path, art, device, precision, batch)(x)  # the package's own dtype
@@ -96,7 +101,7 @@ def export_aoti(model: torch.nn.Module, meta: dict, path: Path, device: torch.de
     a crash or a non-zero exit raises AotiExportError with the phase and the child's last lines."""
     if not isolate:
         return export_aoti_inprocess(model, meta, path, device, fp16, batch, dynamic_batch, autotune, log)
-    from boxseg.train.checkpoint import save_checkpoint
+    from boxseg.models.checkpoint import save_checkpoint
 
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="boxseg-aoti-") as tmp:

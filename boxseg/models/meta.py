@@ -92,7 +92,7 @@ def build_model(meta: dict) -> torch.nn.Module:
 
 def load_checkpoint_model(path: str | Path, expect_kind: str | None = None) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, metadata) from a stage checkpoint, loaded with weights_only=True."""
-    from boxseg.train.checkpoint import load_state_file
+    from boxseg.models.checkpoint import load_state_file
 
     path = Path(path)
     state = load_state_file(path)

@@ -82,7 +82,7 @@ class VGG16Trunk(nn.Module):
 def load_vgg16_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a torchvision VGG16 state dict (a local file; nothing is downloaded) with
     `weights_only=True`, so a file holding code is refused."""
-    from boxseg.train.checkpoint import load_state_file
+    from boxseg.models.checkpoint import load_state_file
 
     state = load_state_file(Path(path))
     needed = [f"features.{i}.weight" for i in TORCHVISION_CONV_INDICES] + ["classifier.0.weight", "classifier.3.weight"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from boxseg.errors import DataError
-from boxseg.predict.base import Predictor, memory_format_for
+from boxseg.predict.base import Predictor
 
 
 class AotiPredictor(Predictor):
@@ -31,7 +31,10 @@ class AotiPredictor(Predictor):
             raise DataError(path, f"cannot load the AOTInductor package: {str(e).splitlines()[0]}") from None
         self.static_batch = meta.get("static_batch")
         self.max_batch = int(self.static_batch or meta.get("max_batch") or 0) or None
-        self.memory_format = memory_format_for(self.device, precision)
+        # the layout the package was compiled for (it does not check strides); older packages: contiguous
+        fmt = meta.get("input_memory_format", "contiguous")
+        self.memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        self.settings["memory_format"] = fmt
         self.provider = meta.get("device")
 
     def padded_size(self, n: int) -> int:

@@ -28,14 +28,15 @@ def default_precision(device: torch.device) -> str:
 
 
 def memory_format_for(device: torch.device, precision: str) -> torch.memory_format:
-    """Measured on an H200 (torch 2.11, 2026-11-26, README): fp16 SegNet1 @321 batch 64 ran
-    2,578 images/s channels_last against 1,941 contiguous, fp32 (TF32 off) 14.3 against 290,
-    so channels_last is used for half precision on CUDA only. On CPU contiguous keeps the
-    outputs bitwise independent of the batch size (tested) and channels_last measured no
-    faster for the tiny models (bench/results)."""
-    if torch.device(device).type == "cuda" and precision in ("fp16", "bf16"):
-        return torch.channels_last
-    return torch.contiguous_format
+    """channels_last except for fp32 on CUDA, by measurement. H200 (torch 2.11, 2026-11-26):
+    fp16 SegNet1 @321 batch 64 ran 2,578 images/s channels_last against 1,941 contiguous,
+    fp32 (TF32 off) 14.3 against 290. 2-core CPU (torch 2.13): channels_last was faster for
+    every model (bench/results: SegNet1 @321 4.81 against 3.11 images/s, SegNet2 @512 11.35
+    against 8.41, the tiny SegNet2 @128 827 against 734 pairs/s at batch 64), with the same
+    proposal PNGs. `boxseg-bench --backends torch-cl,torch-nchw` measures it again."""
+    if torch.device(device).type == "cuda" and precision == "fp32":
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def configure_cuda(precision: str) -> dict:

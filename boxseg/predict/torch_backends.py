@@ -43,8 +43,10 @@ class CompiledPredictor(TorchPredictor):
     def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device, precision: str, batch: int = 64,
                  mode: str | None = "auto", memory_format: torch.memory_format | None = None):
         super().__init__(model, meta, device, precision, batch, memory_format)
-        if mode == "auto":
+        if mode in ("auto", None):
             mode = "max-autotune" if self.device.type == "cuda" else None
+        elif mode == "default":
+            mode = None
         self.mode = mode
         self.compiled = torch.compile(self.model, mode=mode, dynamic=False, fullgraph=True)
         self.settings["compile_mode"] = mode or "default"

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from boxseg.faults import failpoint
 from boxseg.train import dist
-from boxseg.train.checkpoint import load_state_file, save_checkpoint
+from boxseg.models.checkpoint import load_state_file, save_checkpoint
 
 
 class TrainingDiverged(RuntimeError):

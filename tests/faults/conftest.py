@@ -75,7 +75,7 @@ def run_cli(module: str, *args, failpoint: str | None = None, cwd: Path | None =
 def assert_no_partial_files(root: Path) -> list[Path]:
     """Every file under its final (visible) name parses completely; returns the hidden
     temporaries a kill left behind (names starting with '.', ending in '.tmp')."""
-    from boxseg.train.checkpoint import load_state_file
+    from boxseg.models.checkpoint import load_state_file
 
     leftovers = []
     for p in sorted(root.rglob("*")):
@@ -126,7 +126,7 @@ def reference_run(world, tmp_path_factory) -> Path:
 
 def assert_same_run(ref: Path, out: Path) -> None:
     """Same stages with bitwise-equal weights, byte-identical proposal PNGs, equal round results."""
-    from boxseg.train.checkpoint import load_state_file as _load
+    from boxseg.models.checkpoint import load_state_file as _load
 
     stages = sorted(p.parent.name for p in (ref / "stages").glob("*/final.pt"))
     assert stages == sorted(p.parent.name for p in (out / "stages").glob("*/final.pt"))

@@ -23,7 +23,7 @@ from boxseg.config import SegNet1Config, SegNet2Config
 from boxseg.data.classes import SOURCE_CLASSES, VOC_TARGET_CLASSES
 from boxseg.export.onnx import export_onnx
 from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
-from boxseg.train.checkpoint import save_checkpoint
+from boxseg.models.checkpoint import save_checkpoint
 
 from .conftest import run_cli, train_args as _train_args
 

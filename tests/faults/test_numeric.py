@@ -16,7 +16,7 @@ from boxseg.cli.export import main as export_cli
 from boxseg.cli.propose import main as propose_cli
 from boxseg.data.classes import VOC_TARGET_CLASSES
 from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
-from boxseg.train.checkpoint import load_state_file, save_checkpoint
+from boxseg.models.checkpoint import load_state_file, save_checkpoint
 
 from .conftest import assert_no_partial_files, assert_same_run, run_cli, train_args
 from .test_hostile import S1, S2

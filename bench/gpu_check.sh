@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every GPU measurement and GPU test of boxseg in one call on a machine with one NVIDIA GPU,
+# inside a budget (default 470 s), written to one folder and packed into one tarball.
+#
+#   On the lent GPU machine (device tool), with the pycocotools wheel in .whl (README, "GPU check"):
+#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#     -> $OUT/gpu_check.tgz
+#   Elsewhere:  bash bench/gpu_check.sh [DEST]   -> DEST/gpu_check_<date>/ and DEST/gpu_check.tgz
+#
+# Steps, most important first; each has a time limit and the whole run a budget, so the
+# tarball is always written; steps.txt says how each ended (rc 124 = its limit).
+#   tests      pytest -m gpu (fp16 vs fp32 labels per backend, propose CUDA vs CPU)
+#   headline   SegNet1 (paper @321), batch 64, fp16: every backend, compile in max-autotune
+#   e2e        boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
+#              fp16, 1,000 medium synthetic images (issue 15), torch and compile Predictors
+#   tables     both networks, every backend, batch 1 and 64, fp16 and fp32 (compile in
+#              reduce-overhead mode here, to fit the budget; the headline has max-autotune)
+#   aoti_tiny  the AOTInductor export of the tiny SegNet1 under faulthandler, phases timed
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${OUT:-}" ]; then DEST=$OUT; R=/tmp/gpu_check; else DEST=${1:-bench/results}; R=$DEST/gpu_check_$(date +%Y%m%d); fi
+rm -rf "$R"; mkdir -p "$R" "$DEST"
+START=$(date +%s); BUDGET=${GPU_CHECK_BUDGET:-470}
+PY=${PYTHON:-python3}
+
+pack() { tar czf "$DEST/gpu_check.tgz" -C "$(dirname "$R")" "$(basename "$R")"; echo "results: $DEST/gpu_check.tgz"; }
+trap pack EXIT
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run within the budget, log to NAME.log
+    local name=$1 limit=$2; shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    if (( left < 30 )); then echo "$name: not run (budget spent)" | tee -a "$R/steps.txt"; return; fi
+    (( limit > left )) && limit=$left
+    local t0; t0=$(date +%s)
+    echo "== $name (limit $limit s): $*" | tee -a "$R/commands.txt"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$R/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s (limit $limit s)" | tee -a "$R/steps.txt"
+    tail -n 3 "$R/$name.log"
+}
+
+if [ -d .whl ] && ! $PY -c "import pycocotools" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"
+  git rev-parse HEAD 2>/dev/null; nproc; } > "$R/env.txt" 2>&1
+cat "$R/env.txt"
+export BOXSEG_CACHE=/tmp/boxseg_cache
+B="$PY -m boxseg.cli.bench --device cuda --out $R"
+
+step tests 150 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rs
+step headline 150 $B --model segnet1 --preset paper --backends torch,torch-nchw,compile,aoti,onnxruntime,tensorrt \
+    --batch 64 --precision fp16 --warmup 5 --iters 30 --tag segnet1_321_headline
+step data 60 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 8 --n-source 8 --workers 12
+step e2e 120 $B --model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --backends torch,compile \
+    --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10 --tag segnet2_512_e2e
+step tables_segnet1 90 $B --model segnet1 --preset paper --backends torch,torch-cl,torch-nchw,compile,aoti,onnxruntime,tensorrt \
+    --batch 1,64 --precision fp16,fp32 --compile-mode reduce-overhead --warmup 3 --iters 10 --tag segnet1_321_table
+step tables_segnet2 90 $B --model segnet2 --preset paper --backends torch,torch-cl,torch-nchw,compile,aoti,onnxruntime,tensorrt \
+    --batch 1,64 --precision fp16,fp32 --compile-mode reduce-overhead --warmup 3 --iters 10 --tag segnet2_512_table
+step aoti_tiny 60 $PY -c "
+import torch, time
+from boxseg.config import preset
+from boxseg.data.classes import VOC_TARGET_CLASSES
+from boxseg.export.aoti import export_aoti
+from boxseg.models.meta import build_model, segnet1_meta
+meta = segnet1_meta(preset('tiny').segnet1, VOC_TARGET_CLASSES)
+for fp16 in (False, True):
+    t = time.perf_counter()
+    art = export_aoti(build_model(meta).eval(), meta, f'/tmp/tiny_{fp16}.pt2', torch.device('cuda'), fp16, 8)
+    print('tiny SegNet1 AOTI', 'fp16' if fp16 else 'fp32', round(time.perf_counter() - t, 1), 's, parity', art['parity'])
+"
+echo "total $(( $(date +%s) - START )) s" | tee -a "$R/steps.txt"

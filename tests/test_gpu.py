@@ -1,0 +1,75 @@
+"""GPU checks (`-m gpu`; run by bench/gpu_check.sh): fp16 against fp32 through every backend
+that runs on the machine, and boxseg-propose on CUDA against CPU fp32. The networks are the
+tiny preset's, trained on the default synthetic world (tests/fixtures, made by
+tests/fixtures/make.sh): random networks put too many pixels at a near-tie for a label test."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from boxseg.cli.propose import main as propose_cli
+from boxseg.export.artifacts import open_predictor
+from boxseg.predict import load_predictor
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODELS = {"segnet1": FIXTURES / "tiny_segnet1.pt", "segnet2": FIXTURES / "tiny_segnet2.pt"}
+CUDA = torch.device("cuda")
+
+
+def _backends() -> list[str]:
+    out = ["torch", "compile", "aoti"]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            out.append("onnxruntime")
+    if importlib.util.find_spec("tensorrt") is not None:
+        out.append("tensorrt")
+    return out
+
+
+def _inputs(world, kind: str, meta: dict) -> torch.Tensor:
+    from test_export import _real_inputs
+
+    return _real_inputs(world, meta, 8).to(CUDA)
+
+
+@pytest.mark.parametrize("kind", ["segnet1", "segnet2"])
+@pytest.mark.parametrize("backend", _backends())
+def test_fp16_labels_match_fp32(world, tmp_path, monkeypatch, kind, backend):
+    monkeypatch.setenv("BOXSEG_CACHE", str(tmp_path / "cache"))
+    ref = load_predictor(MODELS[kind], CUDA, "fp32")
+    x = _inputs(world, kind, ref.meta)
+    want = ref(x).argmax(1)
+    got = open_predictor(MODELS[kind], CUDA, "fp16", backend, kind, batch=8)(x)
+    assert torch.isfinite(got).all()
+    agree = float((got.argmax(1) == want).float().mean())
+    assert agree >= 0.999, f"{kind} {backend} fp16: {100 * agree:.3f}% of labels as fp32"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_propose_on_cuda_matches_cpu_fp32(world, tmp_path, precision):
+    base = ["--model", str(MODELS["segnet2"]), "--voc-root", str(world.voc_root), "--workers", "2", "--batch", "16"]
+    r = CliRunner().invoke(propose_cli, [*base, "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "cpu")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(propose_cli, [*base, "--device", "cuda", "--precision", precision, "--out", str(tmp_path / "gpu")])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    same = total = 0
+    for p in sorted((tmp_path / "cpu").glob("*.png")):
+        a = np.asarray(Image.open(p))
+        b = np.asarray(Image.open(tmp_path / "gpu" / p.name))
+        same += int((a == b).sum())
+        total += a.size
+    need = 0.9999 if precision == "fp32" else 0.999
+    assert total and same / total >= need, f"{precision}: {100 * same / total:.4f}% identical pixels"

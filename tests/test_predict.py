@@ -1,0 +1,167 @@
+"""The one inference core: every backend through the same Predictor agrees with eager torch
+(fp32: identical labels, logits within 1e-4 x max|ref|), the device merge equals the numpy
+reference, and no consumer bypasses the Predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from boxseg.cli.propose import main as propose_cli
+from boxseg.config import ProposalConfig
+from boxseg.data.classes import VOC_TARGET_CLASSES
+from boxseg.data.voc import VOCDataset
+from boxseg.export.artifacts import open_predictor
+from boxseg.models.meta import segnet1_meta, segnet2_meta
+from boxseg.predict import load_predictor
+from boxseg.predict.base import batch_bucket
+from boxseg.proposals import merge_foreground, merge_foreground_torch, range_masks
+
+from test_export import _real_inputs
+from test_propose import S1, S2, _labels, _model, _save, _train_set
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("predict")
+    return {"segnet1": (_save(d / "s1.pt", segnet1_meta(S1, VOC_TARGET_CLASSES), 2), segnet1_meta(S1, VOC_TARGET_CLASSES)),
+            "segnet2": (_save(d / "s2.pt", segnet2_meta(S2, 4), 0), segnet2_meta(S2, 4))}
+
+
+@pytest.mark.parametrize("kind", ["segnet1", "segnet2"])
+def test_every_cpu_backend_agrees_with_eager_torch(world, models, tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("BOXSEG_CACHE", str(tmp_path / "cache"))
+    ckpt, meta = models[kind]
+    x = _real_inputs(world, meta, 3)  # 3: compile and the static AOTI package pad it to 4
+    ref = load_predictor(ckpt, CPU, "fp32")(x)
+    for backend in ("compile", "onnxruntime", "aoti"):
+        pred = open_predictor(ckpt, CPU, "fp32", backend, kind, batch=4)
+        assert pred.backend == backend
+        out = pred(x)
+        assert out.dtype == torch.float32 and out.shape == ref.shape, backend
+        rel = float((out - ref).abs().max() / ref.abs().max())
+        assert rel <= 1e-4, (backend, rel)
+        assert torch.equal(out.argmax(1), ref.argmax(1)), backend
+
+
+def test_batch_buckets_and_padding_give_the_unpadded_answer(models):
+    assert [batch_bucket(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert batch_bucket(100, 64) == 64
+    ckpt, meta = models["segnet2"]
+    pred = load_predictor(ckpt, CPU, "fp32", "compile", batch=4)
+    x = torch.randn(6, 4, S2.input_size, S2.input_size)
+    ref = load_predictor(ckpt, CPU, "fp32")(x)
+    out = pred(x)  # split 4 + 2
+    assert out.shape == ref.shape and float((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_a_checkpoint_refuses_an_artifact_backend_without_export(models):
+    from boxseg.errors import DataError
+
+    with pytest.raises(DataError, match="export it"):
+        load_predictor(models["segnet2"][0], CPU, "fp32", "onnxruntime")
+
+
+@pytest.mark.parametrize("backend", ["compile", "onnxruntime"])
+def test_propose_backends_write_the_labels_of_torch(world, models, tmp_path, monkeypatch, backend):
+    monkeypatch.setenv("BOXSEG_CACHE", str(tmp_path / "cache"))
+    base = ["--model", str(models["segnet2"][0]), "--voc-root", str(world.voc_root), "--device", "cpu",
+            "--workers", "0", "--batch", "8"]
+    r = CliRunner().invoke(propose_cli, [*base, "--out", str(tmp_path / "torch")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(propose_cli, [*base, "--out", str(tmp_path / backend), "--backend", backend])
+    assert r.exit_code == 0, r.output
+    assert _labels(tmp_path / backend) == _labels(tmp_path / "torch")
+
+
+# -- the device merge ----------------------------------------------------------------------------
+
+def _merge_both(probs, classes, boxes, labels, **kw):
+    from boxseg.data.boxes import box_pixel_range
+
+    k, h, w = probs.shape
+    ref = merge_foreground(probs, classes, boxes, labels, **kw)
+    ranges = np.array([box_pixel_range(b, h, w) for b in boxes], np.int64).reshape(-1, 4)
+    inside = range_masks([ranges[labels == c] for c in classes], h, w, CPU)
+    got = merge_foreground_torch(torch.from_numpy(probs), classes, inside, ranges, labels, **kw).numpy()
+    return ref, got
+
+
+@pytest.mark.parametrize("mode", ["ignore", "order"])
+def test_device_merge_equals_numpy_on_random_overlapping_boxes(mode):
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        h, w = rng.integers(5, 60, 2)
+        n = int(rng.integers(1, 6))
+        labels = rng.integers(1, 5, n)
+        # boxes overlap the image, as the readers guarantee (clipped, or refused when wholly outside)
+        x0, y0 = rng.uniform(-3, w - 1, n), rng.uniform(-3, h - 1, n)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(3, w, n), y0 + rng.uniform(3, h, n)], 1).astype(np.float32)
+        classes = sorted(set(labels.tolist()))
+        probs = rng.random((len(classes), h, w), dtype=np.float32)
+        probs[:, :2] = np.float32(0.5)  # exact threshold and ties between classes
+        probs[:, 2:4] = np.float32(0.4)  # exactly threshold - margin
+        ref, got = _merge_both(probs, classes, boxes, labels, threshold=0.5, margin=0.1, class_margin=0.1, mode=mode)
+        assert np.array_equal(ref, got), trial
+
+
+def test_device_merge_equals_numpy_on_the_world(world):
+    """SegNet2-like probabilities (a random network's, un-letterboxed) over the test world."""
+    from boxseg.predict.image import letterbox_params, unletterbox
+
+    ds = VOCDataset(world.voc_root, "train")
+    g = torch.Generator().manual_seed(0)
+    for i in range(len(ds)):
+        s = ds[i]
+        classes = sorted(set(np.asarray(s.labels).tolist()))
+        h, w = s.image.shape[:2]
+        low = torch.rand(len(classes), 24, 24, generator=g)
+        probs = unletterbox(low, letterbox_params(h, w, 96)).numpy()
+        ref, got = _merge_both(probs, classes, np.asarray(s.boxes, np.float32), np.asarray(s.labels))
+        assert np.array_equal(ref, got), ds.ids[i]
+
+
+# -- no consumer bypasses the Predictor ----------------------------------------------------------
+
+def test_training_rounds_propose_what_boxseg_propose_writes(world, tmp_path):
+    """The scheme's proposals between rounds are boxseg-propose's bytes for the same model,
+    precision and data: both go through the same Predictor and pipeline."""
+    import dataclasses
+
+    from boxseg.config import preset
+    from boxseg.train.alternate import Scheme, open_datasets
+
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, segnet2=S2, segnet1=S1, proposals=ProposalConfig(batch=8), device="cpu")
+    data = open_datasets(world.voc_root, world.coco_ann, world.coco_images, "train", "val", False, False)
+    scheme = Scheme(cfg, tmp_path / "run", data, CPU)
+    model = _model(segnet2_meta(S2, 4), 0)
+    scheme.propose(model, None, data.train, tmp_path / "run" / "proposals" / "target_r1")
+    ckpt = _save(tmp_path / "s2.pt", segnet2_meta(S2, 4), 0)
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpt), "--voc-root", str(world.voc_root), "--device", "cpu",
+                                         "--workers", "0", "--batch", "8", "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    ours = _labels(tmp_path / "run" / "proposals" / "target_r1")
+    assert ours and ours == _labels(tmp_path / "cli")
+    import json
+
+    done = json.loads((tmp_path / "run" / "proposals" / "target_r1" / "done.json").read_text())
+    assert done["predictor"]["backend"] == "torch" and done["precision"] == "fp32"
+
+
+def test_consumers_hold_no_model_runner_of_their_own():
+    """Every consumer module reaches networks through boxseg.predict: none calls a torch module
+    for inference itself (the training step is not inference)."""
+    import boxseg.bench
+    import boxseg.inference
+    import boxseg.propose
+    import boxseg.report.page
+
+    for mod in (boxseg.bench, boxseg.inference, boxseg.propose, boxseg.report.page):
+        src = open(mod.__file__).read()
+        for banned in ("torch.autocast", "load_checkpoint_model(", ".half()", "torch.compile("):
+            assert banned not in src, f"{mod.__name__} uses {banned}"
