@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from boxseg.data.boxes import box_pixel_range, union_box_mask
 from boxseg.data.classes import IGNORE
+
+if TYPE_CHECKING:
+    import torch
 
 
 def merge_foreground(probs: np.ndarray, classes: list[int], boxes: np.ndarray, labels: np.ndarray,
@@ -71,7 +76,7 @@ def instance_masks(probs: np.ndarray, classes: list[int], boxes: np.ndarray, lab
 
 # -- the same rules on the device (boxseg.propose): byte-identical to the numpy ones above ----
 
-def range_masks(ranges: list, height: int, width: int, device) -> "torch.Tensor":
+def range_masks(ranges: list, height: int, width: int, device) -> torch.Tensor:
     """bool (P, H, W): 1 inside any of each entry's pixel ranges (an int array (k, 4) of r0,
     r1, c0, c1 as `box_pixel_range` gives), built on the device."""
     import torch
@@ -88,9 +93,9 @@ def range_masks(ranges: list, height: int, width: int, device) -> "torch.Tensor"
     return ((yy >= r0) & (yy < r1) & (xx >= c0) & (xx < c1)).any(1)
 
 
-def merge_foreground_torch(probs: "torch.Tensor", classes: list[int], inside: "torch.Tensor",
+def merge_foreground_torch(probs: torch.Tensor, classes: list[int], inside: torch.Tensor,
                            box_ranges: np.ndarray, labels: np.ndarray, threshold: float = 0.5,
-                           margin: float = 0.1, class_margin: float = 0.1, mode: str = "ignore") -> "torch.Tensor":
+                           margin: float = 0.1, class_margin: float = 0.1, mode: str = "ignore") -> torch.Tensor:
     """`merge_foreground` on the device. probs float32 (K, H, W); inside bool (K, H, W), the
     union of classes[k]'s boxes (`range_masks`); box_ranges int (N, 4) the boxes' pixel
     ranges and labels (N,) their classes (for mode "order"). Returns uint8 (H, W)."""

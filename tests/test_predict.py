@@ -20,7 +20,7 @@ from boxseg.predict.base import batch_bucket
 from boxseg.proposals import merge_foreground, merge_foreground_torch, range_masks
 
 from test_export import _real_inputs
-from test_propose import S1, S2, _labels, _model, _save, _train_set
+from test_propose import S1, S2, _labels, _model, _save
 
 CPU = torch.device("cpu")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from boxseg.cli import HELP, version
+
 
 def _model(spec: str, preset: str, size: int | None):
     from boxseg.config import preset as get_preset
@@ -31,7 +33,8 @@ def _model(spec: str, preset: str, size: int | None):
     return model, ({**meta, "input_size": size} if size else meta)
 
 
-@click.command()
+@click.command(context_settings=HELP)
+@version("boxseg-bench")
 @click.option("--model", "spec", default="segnet1", show_default=True,
               help="segnet1, segnet2, segnet2-5ch (random weights of --preset) or a checkpoint.")
 @click.option("--preset", default="paper", show_default=True, help="Network sizes for segnet1/segnet2.")

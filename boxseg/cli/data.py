@@ -8,12 +8,14 @@ from pathlib import Path
 
 import click
 
+from boxseg.cli import HELP, version
 from boxseg.data.check import check_coco, check_voc, find_coco_files
 from boxseg.data.synth import size_preset, write_synth
 from boxseg.errors import DataError
 
 
-@click.group()
+@click.group(context_settings=HELP)
+@version("boxseg-data")
 def main() -> None:
     """Datasets: the embedded synthetic world and checks of real VOC / COCO trees."""
 

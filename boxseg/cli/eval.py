@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from boxseg.cli import HELP, version
 from boxseg.predict import BACKENDS, default_precision
 from boxseg.report.plots import confusion_png
 
@@ -20,7 +21,8 @@ def iou_table(names: list[str], iou: list) -> str:
     return "\n".join(rows)
 
 
-@click.command()
+@click.command(context_settings=HELP)
+@version("boxseg-eval")
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="SegNet1: a checkpoint or an exported artifact (.onnx, .pt2, .engine).")
 @click.option("--proposals", "prop_dir", type=click.Path(path_type=Path),

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from boxseg.cli import HELP, version
 
-@click.command()
+
+@click.command(context_settings=HELP)
+@version("boxseg-export")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), required=True,
               help="A SegNet1 or SegNet2 checkpoint (stages/<stage>/final.pt).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
@@ -62,7 +65,8 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
         report(onnx_path, export_onnx(model, meta, onnx_path, fp16, dynamic_batch, opset,
                                              dynamic_size=dynamic_size))
     if do_trt:
-        from boxseg.export.trt import TensorRTMissing, build_engine
+        from boxseg.export.trt import build_engine
+        from boxseg.predict.tensorrt import TensorRTMissing
 
         try:
             report(out_dir / f"{stem}.engine", build_engine(onnx_path, meta, out_dir / f"{stem}.engine", fp16, batch))

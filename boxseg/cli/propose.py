@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from boxseg.cli import HELP, version
 from boxseg.config import ProposalConfig
 from boxseg.errors import BadInputLog, DataError
 from boxseg.predict import BACKENDS, default_precision
@@ -51,7 +52,8 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
                   {"voc_root": str(voc_root), "split": split}, None)
 
 
-@click.command()
+@click.command(context_settings=HELP)
+@version("boxseg-propose")
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="SegNet2: a checkpoint (stages/segnet2_rN/final.pt) or an exported artifact (.onnx, .pt2, .engine).")
 @click.option("--segnet1", "segnet1_path", type=click.Path(path_type=Path),

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from boxseg.cli import HELP, version
 
-@click.command()
+
+@click.command(context_settings=HELP)
+@version("boxseg-report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for index.html and img/.")
 @click.option("--bench", "bench", type=click.Path(exists=True, path_type=Path), multiple=True,

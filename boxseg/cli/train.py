@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from boxseg.cli import HELP, version
 import torch
 
 from boxseg.config import TrainConfig, load_yaml, override, preset
@@ -48,7 +50,8 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
     return world_paths(cache)
 
 
-@click.command()
+@click.command(context_settings=HELP)
+@version("boxseg-train")
 @click.option("--preset", "preset_name", default=None,
               help="paper (METHOD.md's figures) or tiny (CPU demo). Default: tiny on the synthetic world, paper on real data.")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path), help="YAML overlay of any fields.")

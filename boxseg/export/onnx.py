@@ -11,7 +11,7 @@ import torch
 
 from boxseg.data.files import atomic_path
 from boxseg.export.common import example_inputs, export_parity, write_sidecar
-from boxseg.predict.onnxruntime import OrtPredictor, check_onnx_file  # noqa: F401  (re-exported for callers)
+from boxseg.predict.onnxruntime import OrtPredictor
 
 INPUT, OUTPUT = "input", "logits"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from boxseg.data.files import write_bytes_atomic
 from boxseg.errors import DataError
 from boxseg.export.common import write_sidecar
-from boxseg.predict.tensorrt import TensorRTMissing, import_tensorrt  # noqa: F401  (re-exported)
+from boxseg.predict.tensorrt import import_tensorrt
 
 
 def trt_major(trt) -> int:
