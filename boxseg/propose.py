@@ -409,6 +409,38 @@ def _done(out_dir: Path, sample_id: str, instances: bool) -> bool:
     return (out_dir / f"{sample_id}.png").exists() and (not instances or (out_dir / "instances" / f"{sample_id}.json").exists())
 
 
+SIGNATURE = ".boxseg-propose.json"
+
+
+def claim_folder(out_dir: Path, signature: dict, overwrite: bool = False) -> None:
+    """Make `out_dir` this run's, before anything is computed. A folder holding proposals made
+    with other settings (another model by content, backend, precision, merge rule, method)
+    is refused, naming the fields that differ, since a rerun writes only what is missing and
+    would mix the two; `overwrite` deletes the earlier outputs instead. `signature` is
+    recorded in out_dir/.boxseg-propose.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / SIGNATURE
+    made = sorted(out_dir.glob("*.png"))
+    if made and not overwrite:
+        try:
+            old = json.loads(path.read_text()) if path.exists() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if old is None:
+            raise DataError(out_dir, f"holds {len(made)} proposals but no record ({SIGNATURE}) of what made them; "
+                                     f"pass --overwrite to replace them, or choose another --out")
+        changed = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
+        if changed:
+            raise DataError(out_dir, f"holds proposals made with other settings ({', '.join(changed)}); a rerun "
+                                     f"completes only what is missing and would mix the two: pass --overwrite to "
+                                     f"replace them, or choose another --out")
+    if overwrite:
+        for f in made + sorted((out_dir / "instances").glob("*.json")) + [out_dir / "manifest.json",
+                                                                            out_dir / "instances.json"]:
+            f.unlink(missing_ok=True)
+    write_bytes_atomic(path, json.dumps(signature, indent=2, sort_keys=True).encode())
+
+
 def coco_results(out_dir: Path, images: ImageSet, coco_ids: tuple[int, ...], image_id: Callable[[int], int]) -> list[dict]:
     """The per-image instance files as one COCO results list (RLE masks), in dataset order."""
     res = []

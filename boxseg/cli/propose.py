@@ -80,8 +80,11 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). A checkpoint "
                    "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, instances, threshold, margin, class_margin, merge, box_centre_fraction, skip_bad, backend) -> None:
+         workers, instances, threshold, margin, class_margin, merge, box_centre_fraction, skip_bad, backend,
+         overwrite) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
     from boxseg.cli.train import resolve_device
@@ -100,11 +103,16 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
         if method == "learned":
             if model_path is None:
                 raise click.UsageError("--method learned needs --model (a SegNet2 checkpoint or artifact)")
+            _claim(out_dir, overwrite, method=method, model_sha256=_digest(model_path),
+                   segnet1_sha256=_digest(segnet1_path), backend=backend or _own_backend(model_path),
+                   precision=precision, instances=instances, data=target.describe, **_merge_fields(cfg))
             info, run = _learned(model_path, segnet1_path, target, out_dir, cfg, dev, precision, workers, instances,
                                  skip_bad, log, (rank, world), backend)
         else:
             if instances:
                 raise click.UsageError("--instances is for --method learned")
+            _claim(out_dir, overwrite, method=method, data=target.describe,
+                   box_centre_fraction=box_centre_fraction if method == "box-centre" else None)
             info, run = _baseline(method, target, out_dir, box_centre_fraction, (rank, world))
     except DataError as e:
         click.echo(f"error: {e}", err=True)
@@ -132,6 +140,35 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
         sys.exit(2)
     if manifest["counts"]["failed"]:
         sys.exit(3)
+
+
+def _digest(path: Path | None) -> str | None:
+    from boxseg.data.files import file_digest
+
+    return file_digest(path) if path is not None and Path(path).is_file() else None
+
+
+def _own_backend(path: Path) -> str | None:
+    from boxseg.predict.load import artifact_backend
+
+    try:
+        return artifact_backend(Path(path))
+    except DataError:
+        return None  # load_predictor says what is wrong with the file
+
+
+def _merge_fields(cfg: ProposalConfig) -> dict:
+    return {"threshold": cfg.threshold, "margin": cfg.margin, "class_margin": cfg.class_margin, "merge": cfg.merge}
+
+
+def _claim(out_dir: Path, overwrite: bool, **signature) -> None:
+    """Refuse (or with --overwrite clear) a folder made with other settings; rank 0 decides."""
+    from boxseg.propose import claim_folder
+    from boxseg.train import dist
+
+    if dist.is_main():
+        claim_folder(out_dir, signature, overwrite)
+    dist.barrier()
 
 
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,

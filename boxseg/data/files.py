@@ -162,6 +162,17 @@ def lock_folder(folder: Path, what: str):
     return f
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, hex."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -5,27 +5,19 @@ content, precision, device and batch, and the artifact's Predictor is returned; 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from boxseg.data.files import file_digest
 from boxseg.predict import Predictor, load_predictor
 from boxseg.predict.load import CHECKPOINT_BACKENDS, artifact_backend
 
 
 def artifact_cache() -> Path:
     return Path(os.environ.get("BOXSEG_CACHE", Path.home() / ".cache" / "boxseg")) / "artifacts"
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def open_predictor(model_path: Path, device: torch.device, precision: str, backend: str | None = None,
@@ -43,7 +35,7 @@ def open_predictor(model_path: Path, device: torch.device, precision: str, backe
     if precision == "bf16":
         raise ValueError(f"backend {backend} runs fp32 or fp16, not bf16")
     fp16 = precision == "fp16"
-    folder = artifact_cache() / f"{_digest(model_path)}-{meta['kind']}{meta['in_channels']}"
+    folder = artifact_cache() / f"{file_digest(model_path)[:16]}-{meta['kind']}{meta['in_channels']}"
     dyn = meta["kind"] == "segnet1"  # a SegNet1 also runs at SegNet2's input size (score maps)
     if backend == "onnxruntime":
         path = folder / f"model.{precision}{'.dynsize' if dyn else ''}.onnx"

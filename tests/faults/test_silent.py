@@ -1,0 +1,87 @@
+"""Silent wrong results: a rerun of boxseg-propose over a folder made with other settings
+must not keep the old PNGs under a new manifest (issue 17). It is refused with exit 2,
+naming the fields that differ; --overwrite replaces the old outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from boxseg.cli.propose import main as propose_cli
+from boxseg.models.meta import segnet2_meta
+
+from test_propose import S2, _labels, _save
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("silent")
+    return _save(d / "a.pt", segnet2_meta(S2, 4), 0), _save(d / "b.pt", segnet2_meta(S2, 4), 5)
+
+
+def _run(world, out, model, *extra):
+    return CliRunner().invoke(propose_cli, ["--model", str(model), "--voc-root", str(world.voc_root), "--device", "cpu",
+                                            "--workers", "0", "--batch", "8", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("change, field", [
+    ("model", "model_sha256"),
+    ("threshold", "threshold"),
+    ("margin", "margin"),
+    ("merge", "merge"),
+    ("precision", "precision"),
+    ("backend", "backend"),
+])
+def test_rerun_with_other_settings_is_refused(world, tmp_path, two_models, change, field):
+    a, b = two_models
+    out = tmp_path / "p"
+    assert _run(world, out, a).exit_code == 0
+    before = _labels(out)
+    model, extra = a, []
+    if change == "model":
+        model = b
+    elif change == "threshold":
+        extra = ["--threshold", "0.6"]
+    elif change == "margin":
+        extra = ["--margin", "0.05"]
+    elif change == "merge":
+        extra = ["--merge", "order"]
+    elif change == "precision":
+        extra = ["--precision", "bf16"]
+    else:
+        extra = ["--backend", "compile"]
+    r = _run(world, out, model, *extra)
+    assert r.exit_code == 2 and "other settings" in r.output and field in r.output and "--overwrite" in r.output, r.output
+    assert _labels(out) == before  # nothing touched
+
+
+def test_overwrite_replaces_and_equals_a_fresh_run(world, tmp_path, two_models):
+    a, b = two_models
+    assert _run(world, tmp_path / "p", a).exit_code == 0
+    r = _run(world, tmp_path / "p", b, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert _run(world, tmp_path / "fresh", b).exit_code == 0
+    assert _labels(tmp_path / "p") == _labels(tmp_path / "fresh") != {}
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert m["model"] == str(b) and m["counts"]["written"] == m["counts"]["images"]
+
+
+def test_folder_without_a_record_is_refused(world, tmp_path, two_models):
+    a, _ = two_models
+    out = tmp_path / "p"
+    assert _run(world, out, a).exit_code == 0
+    (out / ".boxseg-propose.json").unlink()  # as an older boxseg left it
+    r = _run(world, out, a)
+    assert r.exit_code == 2 and "no record" in r.output, r.output
+
+
+def test_same_settings_resume(world, tmp_path, two_models):
+    a, _ = two_models
+    out = tmp_path / "p"
+    assert _run(world, out, a).exit_code == 0
+    first = sorted(out.glob("*.png"))[0]
+    first.unlink()
+    r = _run(world, out, a, "--batch", "3", "--workers", "1")  # batch and workers do not change the output
+    assert r.exit_code == 0 and "wrote 1 " in r.output, r.output
