@@ -82,8 +82,9 @@ class _Decoded(Dataset):
 
 
 def _background(*_) -> None:
-    """Decoders and writers yield the CPU to the model: on a CPU device the network's threads
-    use every core, and a parallel region slowed by one busy core waits for its straggler."""
+    """Decoders and writers yield the CPU to the main loop: on a CPU device the network's
+    threads use every core, and a parallel region slowed by one busy core waits for its
+    straggler."""
     import os
 
     try:
@@ -204,15 +205,10 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
     futures: list[Future] = []
     bar = tqdm(total=len(todo), desc="proposals", unit="img", disable=not progress, leave=False)
-    threads = torch.get_num_threads()
-    if not cuda and threads > 1:  # one core for decoding, post-processing and writing; the rest for the model
-        torch.set_num_threads(threads - 1)
     t0 = time.perf_counter()
 
     def post(done: list[int], t_model) -> None:
-        """Hand the finished images to the writers: on CUDA after the device post-processing
-        and one download per batch; on a CPU device the writer threads post-process too, so
-        the model's threads keep their cores."""
+        """Device post-processing of the finished images, one download, hand to the writers."""
         entries = []
         for i in done:
             st = pending.pop(i)
@@ -220,20 +216,22 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             maps = torch.stack([st.maps[c] for c in classes]) if classes else None
             finite = torch.stack([st.finite[c] for c in classes]) if classes else None
             entries.append((st.rec, maps, finite))
+        tp = time.perf_counter()
+        flat, layout = _post_process(entries, cfg, instances, device)
+        t_post = clock.mark()
         if cuda:
-            flat, layout = _post_process(entries, cfg, instances, device)
-            t_post = clock.mark()
-            host = flat.to("cpu", non_blocking=True)
+            host = flat.to("cpu", non_blocking=True)  # into pinned memory
             ready = clock.mark()
             host_done = torch.cuda.Event()
             host_done.record()
             job = (host, layout, host_done, (t_model, t_post, ready))
         else:
-            job = (None, entries, None, None)
+            clock.add("post", t_post - tp)
+            job = (flat, layout, None, None)
         tw = time.perf_counter()
         slots.acquire()
         clock.add("wait_writers", time.perf_counter() - tw)
-        futures.append(pool.submit(_write_batch, out_dir, job, clock, cfg, instances, run, slots, precision, device))
+        futures.append(pool.submit(_write_batch, out_dir, job, clock, cfg, instances, run, slots, precision))
         bar.update(len(done))
 
     def flush(pairs: list[tuple[int, int]]) -> None:
@@ -296,11 +294,9 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     finally:
         pool.shutdown(wait=True)
         bar.close()
-        torch.set_num_threads(threads)
     run.seconds = time.perf_counter() - t0
-    # the device's busy share: on CUDA model + post + download (GPU time); on a CPU device
-    # the model stage, which owns the model's cores (post-processing runs in the writers)
-    busy = clock.totals["model"] + (clock.totals["post"] + clock.totals["download"] if cuda else 0.0)
+    # the device's busy share: model + post (+ download on CUDA, timed by events)
+    busy = clock.totals["model"] + clock.totals["post"] + clock.totals["download"]
     run.timing = {**clock.totals, "wall": run.seconds,
                   "device_busy": (busy / run.seconds) if run.seconds > 0 else 0.0}
     return run
@@ -342,10 +338,10 @@ def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: t
 
 
 def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, instances: bool, run: ProposalRun,
-                 slots: threading.Semaphore, precision: str, device: torch.device) -> int:
-    """Writer thread: wait for the batch's download (CUDA) or post-process it here (CPU),
-    split it, write each image's outputs; the PNG goes last since its presence marks the
-    image done. Returns the images written."""
+                 slots: threading.Semaphore, precision: str) -> int:
+    """Writer thread: wait for the batch's download (CUDA), split it, write each image's
+    outputs; the PNG goes last since its presence marks the image done. Returns the images
+    written."""
     written = 0
     try:
         host, layout, host_done, times = job
@@ -356,10 +352,6 @@ def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, 
                 clock.add("model", clock.between(t_model[0], t_model[1]))
                 clock.add("post", clock.between(t_model[1], t_post))
             clock.add("download", clock.between(t_post, ready))
-        else:
-            tp = time.perf_counter()
-            host, layout = _post_process(layout, cfg, instances, device)
-            clock.add("post", time.perf_counter() - tp)
         buf = host.numpy()
         at = 0
         for rec, sizes, crops in layout:
