@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +59,80 @@ def load_json(path: Path) -> dict:
     return data
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def rle_counts(counts: str) -> list[int]:
+    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString, which does
+    not check what it reads). Raises ValueError for a string that ends inside a number."""
+    out: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise ValueError("the counts string ends inside a number")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {counts[p]!r} is not in COCO's RLE alphabet")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def check_segmentation(ann: dict, h: int, w: int, path: Path) -> None:
+    """A mask that decodes to exactly the image: an RLE whose size is the image's and whose
+    runs cover its h*w pixels (a short RLE decodes to uninitialised memory in pycocotools),
+    polygons of finite numbers."""
+    aid = ann.get("id")
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        for poly in seg:
+            if not all(_number(v) for v in poly):
+                raise DataError(path, f"annotation {aid} has a polygon with a coordinate that is not a finite number")
+        return
+    size, counts = seg["size"], seg["counts"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in size)):
+        raise DataError(path, f"annotation {aid} has an RLE size {size!r}; expected [height, width]")
+    if tuple(size) != (h, w):
+        raise DataError(path, f"annotation {aid} has an RLE of size {size[1]}x{size[0]} on a {w}x{h} image")
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            raise DataError(path, f"annotation {aid} has RLE counts that are not all integers")
+        runs = counts
+    elif isinstance(counts, str):
+        try:
+            runs = rle_counts(counts)
+        except ValueError as e:
+            raise DataError(path, f"annotation {aid} has malformed RLE counts: {e}") from None
+    else:
+        raise DataError(path, f"annotation {aid} has RLE counts of type {type(counts).__name__}")
+    if any(v < 0 for v in runs):
+        raise DataError(path, f"annotation {aid} has a negative RLE run")
+    if sum(runs) != h * w:
+        raise DataError(path, f"annotation {aid} has RLE runs covering {sum(runs)} pixels; the {w}x{h} image has "
+                              f"{h * w}")
+
+
 def _check_annotation(ann: dict, cats: set[int], path: Path) -> None:
     aid = ann.get("id")
     if ann.get("category_id") not in cats:
         raise DataError(path, f"annotation {aid} has category_id {ann.get('category_id')} "
                               f"not among the file's categories")
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-        raise DataError(path, f"annotation {aid} has a malformed bbox {bbox!r}")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+        raise DataError(path, f"annotation {aid} has a malformed bbox {bbox!r:.80}")
+    if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd", 0), float):
+        raise DataError(path, f"annotation {aid} has iscrowd {ann.get('iscrowd')!r:.40}; expected 0 or 1")
     seg = ann.get("segmentation")
     if isinstance(seg, list):
         if not seg:
@@ -145,6 +212,7 @@ class COCOSource:
                 if h <= 0 or w <= 0:
                     raise DataError(self.ann_file, f"image {img_id} has no valid height/width")
                 for a in anns:
+                    check_segmentation(a, h, w, self.ann_file)
                     x, y, bw, bh = a["bbox"]
                     check_boxes(np.array([[x, y, x + bw, y + bh]], np.float32), w, h, self.ann_file,
                                 [f"annotation {a.get('id')}"])
