@@ -18,7 +18,8 @@ def _args(world, out, *extra):
 
 def test_run_directory_holds_every_stage_and_results(world, tmp_path):
     out = tmp_path / "run"
-    r = CliRunner().invoke(train_cli, _args(world, out, "--rounds", "2"))
+    r = CliRunner().invoke(train_cli, _args(world, out, "--rounds", "2", "--workers", "0", "--seed", "0",
+                                            "--infer-backend", "torch"))
     assert r.exit_code == 0, r.output
     assert "| learned, round 2 |" in r.output and "| box-filled |" in r.output
     res = json.loads((out / "results.json").read_text())
@@ -28,6 +29,9 @@ def test_run_directory_holds_every_stage_and_results(world, tmp_path):
     assert "ratio_learned_full" in res
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["rounds"] == 2 and cfg["segnet1"]["iters"] == 3
+    assert cfg["workers"] == 0 and cfg["seed"] == 0 and cfg["infer_backend"] == "torch"
+    done = json.loads((out / "proposals" / "target_r2" / "done.json").read_text())
+    assert done["predictor"]["backend"] == "torch" and done["precision"] == "fp32" and done["stages"]["model"] > 0
     for stage in ("segnet2_r1", "segnet1_source", "segnet1_r1", "segnet2_r2", "segnet1_r2", "segnet1_full"):
         assert (out / "stages" / stage / "final.pt").exists(), stage
         assert (out / "stages" / stage / "metrics.csv").exists(), stage

@@ -41,7 +41,7 @@ def iou_table(names: list[str], iou: list) -> str:
                    "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
-@click.option("--skip-bad", is_flag=True)
+@click.option("--skip-bad", is_flag=True, help="Skip and list unreadable images and labels instead of stopping.")
 def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precision, backend, device, out_dir,
          skip_bad) -> None:
     """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""

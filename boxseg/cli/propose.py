@@ -70,12 +70,16 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers decoding images.")
 @click.option("--instances", is_flag=True, help="Also write per-box masks (COCO results, RLE) and their mask AP.")
-@click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True)
+@click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True,
+              help="Foreground probability at or above which a pixel inside a box takes the box's class.")
 @click.option("--margin", type=float, default=ProposalConfig.margin, show_default=True, help="|p - threshold| < margin -> 255.")
-@click.option("--class-margin", type=float, default=ProposalConfig.class_margin, show_default=True)
+@click.option("--class-margin", type=float, default=ProposalConfig.class_margin, show_default=True,
+              help="Two covering classes whose probabilities are closer than this (and near or above the "
+                   "threshold) -> 255.")
 @click.option("--merge", type=click.Choice(["ignore", "order"]), default="ignore", show_default=True,
               help="ignore: METHOD.md's rule; order: the reference code's (no 255).")
-@click.option("--box-centre-fraction", type=float, default=0.5, show_default=True)
+@click.option("--box-centre-fraction", type=float, default=0.5, show_default=True,
+              help="box-centre baseline: the inner fraction of each box side labelled with its class; the rest 255.")
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable inputs instead of stopping.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). A checkpoint "

@@ -69,12 +69,14 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
               help="Continue the run in --out (complete stages are reused, a stage resumes from last.pt).")
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad inputs instead of stopping.")
 @click.option("--deterministic", is_flag=True, help="torch deterministic algorithms (bitwise reproducible on CPU).")
+@click.option("--workers", type=int, help="DataLoader worker processes (config workers).")
+@click.option("--seed", type=int, help="Seed of every stage (config seed; stage seeds derive from it).")
 @click.option("--infer-backend", type=click.Choice(["torch", "compile"]),
               help="Predictor for the proposals and val scores between rounds (config infer_backend; default torch).")
 @click.option("--infer-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Their precision (config infer_precision; default auto: fp16 on CUDA, fp32 on CPU, as boxseg-propose).")
 def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, coco_images, semi_list, semi_fraction,
-         device, run_dir, resume, skip_bad, deterministic, infer_backend, infer_precision) -> None:
+         device, run_dir, resume, skip_bad, deterministic, workers, seed, infer_backend, infer_precision) -> None:
     """Train SegNet2 and SegNet1 in alternating rounds, plus the baselines, and print the table."""
     from boxseg.train import dist
     from boxseg.train.alternate import Scheme, open_datasets, prepare_run, results_table
@@ -92,7 +94,8 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
         flags = {"setting": setting, "rounds": rounds, "semi_list": semi_list, "semi_fraction": semi_fraction,
                  "device": device, "data.voc_root": voc_root and str(voc_root), "data.coco_ann": coco_ann and str(coco_ann),
                  "data.coco_images": coco_images and str(coco_images), "data.skip_bad": skip_bad or None,
-                 "deterministic": deterministic or None, "infer_backend": infer_backend,
+                 "deterministic": deterministic or None, "workers": workers, "seed": seed,
+                 "infer_backend": infer_backend,
                  "infer_precision": infer_precision}
         for k, v in flags.items():
             if v is not None:
