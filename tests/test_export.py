@@ -166,7 +166,7 @@ def test_aoti_package_loads_and_agrees_cpu(world, tmp_path):
 def test_trt_missing_is_a_clear_error(tmp_path):
     ckpt = _save(tmp_path / "s2.pt", segnet2_meta(S2, 4), 0)
     r = CliRunner().invoke(export_cli, ["--model", str(ckpt), "--out", str(tmp_path / "exp"), "--trt"])
-    assert r.exit_code == 4 and "TensorRT is not installed" in r.output and "pip install tensorrt" in r.output
+    assert r.exit_code == 6 and "TensorRT is not installed" in r.output and "pip install tensorrt" in r.output
 
 
 @pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),

@@ -139,7 +139,7 @@ def test_cli_five_channels_needs_segnet1_and_kinds_are_checked(world, tmp_path, 
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_5"]), "--out", str(tmp_path / "a"), *base])
     assert r.exit_code != 0 and "--segnet1" in r.output
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s1"]), "--out", str(tmp_path / "b"), *base])
-    assert r.exit_code == 2 and "segnet1 model, but a segnet2 is expected" in r.output
+    assert r.exit_code == 3 and "segnet1 model, but a segnet2 is expected" in r.output
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_5"]), "--segnet1", str(ckpts["s1"]),
                                          "--out", str(tmp_path / "c"), *base])
     assert r.exit_code == 0, r.output
@@ -166,7 +166,7 @@ def test_cli_bad_image_named_or_skipped(world_copy, tmp_path, ckpts):
     (world_copy.voc_root / "JPEGImages" / f"{bad}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     args = ["--model", str(ckpts["s2_4"]), "--voc-root", str(world_copy.voc_root), "--workers", "0"]
     r = CliRunner().invoke(propose_cli, [*args, "--out", str(tmp_path / "a")])
-    assert r.exit_code == 2 and f"{bad}.jpg" in r.output
+    assert r.exit_code == 3 and f"{bad}.jpg" in r.output
     r = CliRunner().invoke(propose_cli, [*args, "--out", str(tmp_path / "b"), "--skip-bad"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
@@ -314,7 +314,7 @@ def test_cli_bad_instance_truth_is_named_and_the_proposals_kept(world_copy, tmp_
     out = tmp_path / "v"
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), "--voc-root", str(world_copy.voc_root),
                                          "--out", str(out), "--instances", "--workers", "0"])
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 3, r.output
     assert f"cannot score the proposals: {world_copy.voc_root / 'SegmentationObject' / sid}.png: cannot decode" in r.output
     m = json.loads((out / "manifest.json").read_text())
     assert f"{sid}.png" in m["quality"]["error"]

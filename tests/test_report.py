@@ -67,10 +67,10 @@ def test_gallery_order_and_per_image_iou_are_right():
 
 def test_bad_run_folder_is_a_clear_error(tmp_path, world):
     r = CliRunner().invoke(report_cli, [str(tmp_path), "--voc-root", str(world.voc_root), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and f"{tmp_path}: not a finished boxseg-train run folder" in r.output
+    assert r.exit_code == 3 and f"{tmp_path}: not a finished boxseg-train run folder" in r.output
     (tmp_path / "config.yaml").write_text("data: [unclosed\n")
     r = CliRunner().invoke(report_cli, [str(tmp_path), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and f"{tmp_path / 'config.yaml'}: malformed YAML" in r.output
+    assert r.exit_code == 3 and f"{tmp_path / 'config.yaml'}: malformed YAML" in r.output
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium; "
@@ -95,3 +95,14 @@ def test_browser_check_sees_errors_and_broken_images(tmp_path):
     assert "boom" in rep.console_errors
     assert any("gone.png" in e for e in rep.console_errors)
     assert [s.rsplit("/", 1)[1] for s in rep.broken_images] == ["gone.png"]
+
+
+def test_summary_table_shows_no_proposal_figures_for_full_supervision():
+    from boxseg.report.page import _summary_table
+
+    res = {"baselines": {"full": {"proposal_miou": 1.0, "proposal_coverage": 1.0, "val_miou": 0.7},
+                         "box": {"proposal_miou": 0.6, "proposal_coverage": 1.0, "val_miou": 0.63}}, "rounds": {}}
+    html = _summary_table(res)
+    full_row = html.split("<tr>")[2]
+    assert "<td>-</td><td>-</td><td>70.0</td><td>1.000</td>" in full_row, full_row
+    assert "<td>60.0</td><td>100.0</td><td>63.0</td><td>0.900</td>" in html.split("<tr>")[3]

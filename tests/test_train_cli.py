@@ -22,6 +22,8 @@ def test_run_directory_holds_every_stage_and_results(world, tmp_path):
                                             "--infer-backend", "torch"))
     assert r.exit_code == 0, r.output
     assert "| learned, round 2 |" in r.output and "| box-filled |" in r.output
+    # no terminal: a plain line per stage (k of n) with iterations, loss, speed and ETA
+    assert "[stage 1/9 segnet1_full] 3 iterations" in r.output and "[stage 9/9 segnet1_r2] iteration 3/3, loss" in r.output
     res = json.loads((out / "results.json").read_text())
     assert set(res["rounds"]) == {"round1", "round2"}
     assert set(res["baselines"]) == {"box", "box-centre", "grabcut", "full"}
@@ -105,4 +107,4 @@ def test_bad_semi_list_and_config_name_the_file(world, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("segnet1: [unclosed\n")
     r = CliRunner().invoke(train_cli, _args(world, tmp_path / "c", "--config", str(bad)))
-    assert r.exit_code == 2 and f"{bad}: malformed YAML" in r.output
+    assert r.exit_code == 3 and f"{bad}: malformed YAML" in r.output

@@ -62,6 +62,18 @@ def test_resume_after_kill_gives_bitwise_same_weights(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 13 and rows[-1].startswith("12,")  # no duplicated rows after resume
+    seconds = [float(r.split(",")[3]) for r in rows[1:]]
+    assert seconds == sorted(seconds)  # cumulative over the resume, not restarting from 0
+
+
+def test_progress_lines_without_a_terminal(tmp_path):
+    lines = []
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    stage = Stage("toy", tmp_path / "s", 6, 4, 3, position=(2, 5))
+    run_stage(stage, model, opt, Toy(), _step, seed=1, device=torch.device("cpu"), progress=False, log=lines.append)
+    assert lines[0] == "[stage 2/5 toy] 6 iterations"
+    assert lines[-1].startswith("[stage 2/5 toy] iteration 6/6, loss ") and " it/s, ETA 0 s" in lines[-1]
 
 
 def test_finished_stage_is_reused(tmp_path):

@@ -11,3 +11,17 @@ HELP = {"help_option_names": ["-h", "--help"]}
 
 def version(prog: str):
     return click.version_option(__version__, "--version", prog_name=prog, message="%(prog)s (boxseg) %(version)s")
+
+
+class Exit:
+    """Exit statuses of every command, one per kind of failure (README, "Exit statuses")."""
+    OK = 0
+    PROBLEMS_FOUND = 1      # boxseg-data check: the data has problems (each listed with its file)
+    USAGE = 2               # a wrong option or argument (click's own status)
+    BAD_INPUT = 3           # a bad file or folder: the message names it and the problem
+    DIVERGED = 4            # training: the loss became NaN or infinite
+    NON_FINITE = 5          # inference: NaN or infinite network outputs (fp16 overflow?); nothing written or scored
+    MISSING_PACKAGE = 6     # an optional package or program (tensorrt, chromium) is missing
+    PARITY_FAILED = 7       # boxseg-export: an artifact disagrees with PyTorch (written, but not to be trusted)
+    EXPORT_FAILED = 8       # boxseg-export: the AOTInductor compile failed or crashed (phase named)
+    PAGE_CHECK_FAILED = 9   # boxseg-report --screenshot: console errors or broken images in the page

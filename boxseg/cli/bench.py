@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, version
+from boxseg.cli import HELP, Exit, version
 
 
 def _model(spec: str, preset: str, size: int | None):
@@ -77,7 +77,7 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
         model, meta = _model(spec, preset, size)
     except (DataError, KeyError) as e:
         click.echo(f"error: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     name = f"{Path(spec).stem if spec.endswith('.pt') else spec}@{meta['input_size']}"
     batch_list, precision_list = [int(b) for b in batches.split(",")], precisions.split(",")
     if e2e:

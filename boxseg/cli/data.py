@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, version
+from boxseg.cli import HELP, Exit, version
 from boxseg.data.check import check_coco, check_voc, find_coco_files
 from boxseg.data.synth import size_preset, write_synth
 from boxseg.errors import DataError
@@ -46,7 +46,9 @@ def synth(out: Path, seed: int, size_name: str, n_source: int | None, n_train: i
 
 @main.command()
 @click.argument("root", type=click.Path(exists=True, path_type=Path))
-@click.option("--images", type=click.Path(path_type=Path), help="COCO image folder (default: beside the JSON).")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="COCO image folder (default, for a JSON file as for a tree: images/ beside annotations/, else "
+                   "the folder named after the JSON's split, e.g. train2017/ for instances_train2017.json).")
 def check(root: Path, images: Path | None) -> None:
     """Validate a VOC tree, a COCO tree (folder with annotations/) or a COCO JSON file.
 
@@ -64,10 +66,10 @@ def check(root: Path, images: Path | None) -> None:
             reports += [check_coco(ann, img, progress=progress) for ann, img in pairs]
     except DataError as err:
         click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+        sys.exit(Exit.PROBLEMS_FOUND)  # for check, a file it cannot read is a problem found
     for r in reports:
         click.echo(r.render())
-    sys.exit(0 if all(r.ok for r in reports) else 1)
+    sys.exit(Exit.OK if all(r.ok for r in reports) else Exit.PROBLEMS_FOUND)
 
 
 if __name__ == "__main__":

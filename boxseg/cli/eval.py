@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, version
+from boxseg.cli import HELP, Exit, version
 from boxseg.predict import BACKENDS, default_precision
 from boxseg.report.plots import confusion_png
 
@@ -90,10 +90,10 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
             res.update({"proposals": str(prop_dir), "coverage": coverage})
     except DataError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     except NonFiniteOutput as e:
         click.echo(f"error: {model_path}: {e}", err=True)
-        sys.exit(3)
+        sys.exit(Exit.NON_FINITE)
     res.update(scores.to_dict(target.names))
     res["seconds"] = round(time.perf_counter() - t0, 3)
     res["bad_input"] = log.to_dict()

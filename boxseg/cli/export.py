@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, version
+from boxseg.cli import HELP, Exit, version
 
 
 @click.command(context_settings=HELP)
@@ -39,7 +39,7 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
         model, meta = load_checkpoint_model(model_path)
     except DataError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = (meta["kind"] + ("_5ch" if meta["in_channels"] == 5 else "") + ("_dynsize" if dynamic_size else "")
             + (".fp16" if fp16 else ""))
@@ -72,7 +72,7 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
             report(out_dir / f"{stem}.engine", build_engine(onnx_path, meta, out_dir / f"{stem}.engine", fp16, batch))
         except TensorRTMissing as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(4)
+            sys.exit(Exit.MISSING_PACKAGE)
     if do_aoti:
         from boxseg.export.aoti import AotiExportError, export_aoti
 
@@ -81,12 +81,12 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
             art = export_aoti(model, meta, out_dir / f"{stem}.pt2", dev, fp16, batch, log=click.echo)
         except AotiExportError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(6)
+            sys.exit(Exit.EXPORT_FAILED)
         report(out_dir / f"{stem}.pt2", art)
     if failed:
         click.echo("error: a parity check failed (see above); the artifact is written but should not be trusted",
                    err=True)
-        sys.exit(5)
+        sys.exit(Exit.PARITY_FAILED)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, version
+from boxseg.cli import HELP, Exit, version
 from boxseg.config import ProposalConfig
 from boxseg.errors import BadInputLog, DataError
 from boxseg.predict import BACKENDS, default_precision
@@ -120,7 +120,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
             info, run = _baseline(method, target, out_dir, box_centre_fraction, (rank, world))
     except DataError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     # each rank's part travels to rank 0 through the process group, not through files in --out,
     # so two runs sharing a folder cannot read or delete each other's parts
     parts = dist.gather({"rank": rank, "run": run, "bad_input": log.to_dict()})
@@ -141,9 +141,9 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     _report(manifest, out_dir)
     if bad_truth is not None:
         click.echo(f"error: cannot score the proposals: {bad_truth}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     if manifest["counts"]["failed"]:
-        sys.exit(3)
+        sys.exit(Exit.NON_FINITE)
 
 
 def _digest(path: Path | None) -> str | None:

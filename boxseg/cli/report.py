@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, version
+from boxseg.cli import HELP, Exit, version
 
 
 @click.command(context_settings=HELP)
@@ -50,7 +50,7 @@ def main(run_dir: Path, out_dir: Path, bench: tuple[Path, ...], n_images: int, v
                             log=lambda s: click.echo(s, err=True))
     except DataError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     click.echo(f"report: {page}")
     if screenshot is not None:
         from boxseg.data.files import write_bytes_atomic
@@ -58,7 +58,7 @@ def main(run_dir: Path, out_dir: Path, bench: tuple[Path, ...], n_images: int, v
 
         if find_chromium() is None:
             click.echo("error: --screenshot needs chromium (Debian: apt-get install chromium)", err=True)
-            sys.exit(4)
+            sys.exit(Exit.MISSING_PACKAGE)
         rep = inspect_page(page, width=1400, height=screenshot_height or 900, full_page=screenshot_height is None)
         write_bytes_atomic(screenshot, rep.screenshot)
         for e in rep.console_errors:
@@ -66,7 +66,7 @@ def main(run_dir: Path, out_dir: Path, bench: tuple[Path, ...], n_images: int, v
         click.echo(f"screenshot: {screenshot} ({len(rep.images)} images, {len(rep.broken_images)} broken, "
                    f"{len(rep.console_errors)} console errors)")
         if rep.console_errors or rep.broken_images:
-            sys.exit(3)
+            sys.exit(Exit.PAGE_CHECK_FAILED)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, version
+from boxseg.cli import HELP, Exit, version
 import torch
 
 from boxseg.config import TrainConfig, load_yaml, override, preset
@@ -88,9 +88,13 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
         cfg: TrainConfig = preset(preset_name or ("paper" if real else "tiny"))
     except KeyError as e:
         raise click.BadParameter(e.args[0], param_hint="--preset") from None
-    try:
-        if config_file:
+    if config_file:  # a bad config file is bad input (it is named), not a wrong option
+        try:
             cfg = load_yaml(config_file, cfg)
+        except ValueError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(Exit.BAD_INPUT)
+    try:
         flags = {"setting": setting, "rounds": rounds, "semi_list": semi_list, "semi_fraction": semi_fraction,
                  "device": device, "data.voc_root": voc_root and str(voc_root), "data.coco_ann": coco_ann and str(coco_ann),
                  "data.coco_images": coco_images and str(coco_images), "data.skip_bad": skip_bad or None,
@@ -119,7 +123,7 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
             lock = lock_folder(run_dir, "boxseg-train")  # noqa: F841  (held until the process ends)
         except DataError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(Exit.BAD_INPUT)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg.data.voc_root is None:
@@ -131,21 +135,24 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
                              cfg.data.skip_bad, cache=cfg.data.voc_root is None)
     except DataError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     if data.log.skipped and dist.is_main():
         click.echo(data.log.summary(), err=True)
     try:
         prepare_run(cfg, run_dir)
     except DataError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(Exit.BAD_INPUT)
     scheme = Scheme(cfg, run_dir, data, dev, progress=sys.stderr.isatty())
     from boxseg.train.loop import TrainingDiverged
     try:
         res = scheme.run()
-    except (TrainingDiverged, DataError) as e:
+    except TrainingDiverged as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(3)
+        sys.exit(Exit.DIVERGED)
+    except DataError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(Exit.BAD_INPUT)
     if dist.is_main():
         click.echo(results_table(res))
         if "ratio_learned_full" in res:

@@ -97,7 +97,7 @@ def check_voc(root: Path, progress: bool = False) -> CheckReport:
     report.box_stats = _box_stats(boxes, sizes)
     scores = conf.scores()
     if scores.pixels:
-        report.extra["box-filled baseline mIoU vs masks (all images with masks)"] = scores.miou
+        report.extra["box-filled baseline mIoU vs masks (all images with masks), %"] = round(100 * scores.miou, 2)
     return report
 
 
@@ -135,14 +135,17 @@ def check_coco(ann_file: Path, image_root: Path, progress: bool = False) -> Chec
     return report
 
 
+def coco_image_dir(ann: Path) -> Path:
+    """The image folder of `.../annotations/instances_<split>.json` by one rule for a file or
+    a tree: `<tree>/images` if it exists, else `<tree>/<split>` (COCO's own layout, e.g.
+    train2017/), where <tree> is the folder holding annotations/."""
+    tree = ann.parent.parent
+    split = ann.stem.removeprefix("instances_")
+    return next((d for d in (tree / "images", tree / split) if d.is_dir()), tree / "images")
+
+
 def find_coco_files(root: Path, images: Path | None) -> list[tuple[Path, Path]]:
     """(annotation file, image folder) pairs for ROOT: a JSON file, or a folder with
-    annotations/*.json (images in ROOT/images, or ROOT/<split> for instances_<split>.json)."""
-    if root.is_file():
-        return [(root, images or (root.parent.parent / "images"))]
-    pairs = []
-    for ann in sorted((root / "annotations").glob("instances_*.json")):
-        split = ann.stem.removeprefix("instances_")
-        img_dir = images or next((d for d in (root / "images", root / split) if d.is_dir()), root / "images")
-        pairs.append((ann, img_dir))
-    return pairs
+    annotations/instances_*.json; the folder is `images` or else `coco_image_dir`'s."""
+    anns = [root] if root.is_file() else sorted((root / "annotations").glob("instances_*.json"))
+    return [(ann, images or coco_image_dir(ann)) for ann in anns]

@@ -48,13 +48,14 @@ def _summary_table(results: dict) -> str:
     rows = ["<tr><th>method</th><th>proposal mIoU (train)</th><th>proposal coverage</th>"
             "<th>SegNet1 val mIoU</th><th>/ full</th></tr>"]
 
-    def row(name: str, d: dict) -> str:
+    def row(name: str, d: dict, masks: bool = False) -> str:
         ratio = f"{d['val_miou'] / full:.3f}" if full and d.get("val_miou") is not None else "-"
-        return (f"<tr><td>{html.escape(name)}</td><td>{_pct(d.get('proposal_miou'))}</td>"
-                f"<td>{_pct(d.get('proposal_coverage'))}</td><td>{_pct(d.get('val_miou'))}</td><td>{ratio}</td></tr>")
+        prop, cover = ("-", "-") if masks else (_pct(d.get("proposal_miou")), _pct(d.get("proposal_coverage")))
+        return (f"<tr><td>{html.escape(name)}</td><td>{prop}</td><td>{cover}</td><td>{_pct(d.get('val_miou'))}</td>"
+                f"<td>{ratio}</td></tr>")
 
-    for name, d in results.get("baselines", {}).items():
-        rows.append(row(plots.BASELINE_STYLE.get(name, (name,))[0], d))
+    for name, d in results.get("baselines", {}).items():  # full supervision has masks, not proposals: "-" as the CLI
+        rows.append(row(plots.BASELINE_STYLE.get(name, (name,))[0], d, masks=name == "full"))
     for key in sorted(results.get("rounds", {}), key=lambda k: int(k.removeprefix("round"))):
         rows.append(row(f"learned, round {key.removeprefix('round')}", results["rounds"][key]))
     return "<table>" + "".join(rows) + "</table>"

@@ -89,8 +89,22 @@ class Scheme:
                              "baselines": self.results.get("baselines", {})})
 
     # -- helpers ---------------------------------------------------------------------------
+    def planned_stages(self) -> list[str]:
+        """The names of the stages `run` trains, in order."""
+        cfg = self.cfg
+        names = ["segnet1_full"] if ("full" in cfg.baselines or cfg.setting == "full") else []
+        if cfg.setting == "full":
+            return names
+        names += [f"segnet1_{b}" for b in cfg.baselines if b != "full"]
+        for r in range(1, cfg.rounds + 1):
+            names += (["segnet2_r1", "segnet1_source"] if r == 1 else [f"segnet2_r{r}"]) + [f"segnet1_r{r}"]
+        return names
+
     def stage(self, name: str, iters: int, batch: int) -> Stage:
-        return Stage(name, self.run_dir / "stages" / name, iters, batch, self.cfg.checkpoint_every, self.cfg.workers)
+        plan = self.planned_stages()
+        position = (plan.index(name) + 1, len(plan)) if name in plan else None
+        return Stage(name, self.run_dir / "stages" / name, iters, batch, self.cfg.checkpoint_every, self.cfg.workers,
+                     position)
 
     def seed(self, name: str) -> int:
         return (self.cfg.seed * 7919 + zlib.crc32(name.encode())) % (2**31)

@@ -49,6 +49,9 @@ def poly_lambda(iters: int, power: float = 0.9) -> Callable[[int], float]:
     return lambda it: (1.0 - min(it, iters) / iters) ** power
 
 
+PROGRESS_EVERY_S = 30.0  # without a terminal, a progress line this often (and at the end of a stage)
+
+
 @dataclass
 class Stage:
     """Where a stage lives and how long it runs."""
@@ -58,6 +61,11 @@ class Stage:
     batch: int
     checkpoint_every: int
     workers: int = 0
+    position: tuple[int, int] | None = None   # (k, n): the k-th of the run's n stages
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.position[0]}/{self.position[1]} {self.name}" if self.position else self.name
 
     @property
     def final(self) -> Path:
@@ -70,13 +78,14 @@ class Stage:
 
 def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
               step: Callable[[torch.nn.Module, dict], torch.Tensor], seed: int, device: torch.device,
-              progress: bool = False, log: Callable[[str], None] = print, meta: dict | None = None) -> torch.nn.Module:
+              progress: bool = False, log: Callable[[str], None] | None = None, meta: dict | None = None) -> torch.nn.Module:
     """Train `model` for stage.iters iterations (or load the finished stage) and return it.
 
     `dataset[key]` returns a dict of tensors for sample key; `step(model, batch)` returns the
     loss. The returned model is the unwrapped module, in eval mode. `meta` (boxseg.models.meta)
     is stored in final.pt so that the file alone rebuilds the network.
     """
+    log = log or (lambda s: print(s, flush=True))  # flushed: seen at once in a redirected log file
     if stage.final.exists():
         model.load_state_dict(load_state_file(stage.final)["model"])
         return model.eval()
@@ -107,8 +116,14 @@ def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optim
     rows = _read_rows(metrics_path, upto=start)
     from tqdm import tqdm
 
-    bar = tqdm(total=stage.iters, initial=start, desc=stage.name, disable=not progress or rank != 0, leave=False)
+    bar = tqdm(total=stage.iters, initial=start, desc=stage.label, disable=not progress or rank != 0, leave=False)
     t0, it = time.perf_counter(), start
+    # seconds stay cumulative over resumes, so throughput can be read from metrics.csv
+    offset = float(rows[-1]["seconds"]) if rows else 0.0
+    lines = rank == 0 and not progress  # no terminal (a cluster job, nohup): plain lines instead of a bar
+    if lines:
+        log(f"[{stage.label}] {stage.iters - start} iterations" + (f" (resuming at {start})" if start else ""))
+    last_line = t0
     for it, batch in enumerate(loader, start=start):
         torch.manual_seed(seed * 1_000_003 + it)  # dropout is a function of the iteration
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -125,8 +140,14 @@ def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optim
         scheduler.step()
         failpoint(f"step:{stage.name}")
         done = it + 1
+        now = time.perf_counter()
         rows.append({"iteration": done, "loss": round(float(loss_value), 6),
-                     "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)})
+                     "lr": optimizer.param_groups[0]["lr"], "seconds": round(offset + now - t0, 3)})
+        if lines and (now - last_line >= PROGRESS_EVERY_S or done == stage.iters):
+            rate = (done - start) / max(now - t0, 1e-9)
+            log(f"[{stage.label}] iteration {done}/{stage.iters}, loss {float(loss_value):.4f}, {rate:.2f} it/s, "
+                f"ETA {(stage.iters - done) / rate:.0f} s")
+            last_line = now
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss_value):.3f}")
         if done % stage.checkpoint_every == 0 and done < stage.iters and rank == 0:

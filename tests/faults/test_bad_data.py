@@ -1,5 +1,5 @@
 """Bad data through the real commands. Each case corrupts one file of a copy of the synthetic
-world, then checks three things: boxseg-propose stops with exit 2 and an error naming the
+world, then checks three things: boxseg-propose stops with exit 3 and an error naming the
 file and the problem; with --skip-bad it finishes, and manifest.json counts and lists the
 file with the problem; boxseg-data check reports the same file and problem (exit 1).
 Images in unusual modes are not errors: they are converted, and the tests check the pixels."""
@@ -271,7 +271,7 @@ def _run_case(w, tmp_path, mutate, coco: bool) -> None:
     n_before = len(_split(w).read_text().split())
     path, problem = mutate(w)
     r = _propose(w, tmp_path / "stop", coco)
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 3, r.output
     assert _named(path, problem, r.output), r.output
 
     r = _propose(w, tmp_path / "skip", coco, "--skip-bad")
@@ -302,7 +302,7 @@ def test_malformed_coco_json_is_an_error_in_both_modes(world_copy, tmp_path):
     world_copy.coco_ann.write_text('{"images": [')
     for extra in ([], ["--skip-bad"]):
         r = _propose(world_copy, tmp_path / "o", True, *extra)
-        assert r.exit_code == 2 and _named(world_copy.coco_ann, "malformed JSON", r.output), r.output
+        assert r.exit_code == 3 and _named(world_copy.coco_ann, "malformed JSON", r.output), r.output
 
 
 def test_duplicate_ids_in_split_list_are_an_error_in_both_modes(world_copy, tmp_path):
@@ -311,7 +311,7 @@ def test_duplicate_ids_in_split_list_are_an_error_in_both_modes(world_copy, tmp_
     _split(world_copy).write_text("\n".join([*ids, ids[3]]) + "\n")
     for extra in ([], ["--skip-bad"]):
         r = _propose(world_copy, tmp_path / "o", False, *extra)
-        assert r.exit_code == 2 and _named(_split(world_copy), f"duplicate ids in split list: ['{ids[3]}']",
+        assert r.exit_code == 3 and _named(_split(world_copy), f"duplicate ids in split list: ['{ids[3]}']",
                                            r.output), r.output
 
 

@@ -63,7 +63,7 @@ def test_second_trainer_on_a_busy_run_folder_is_refused(world, tmp_path):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     r = run_cli("train", *train_args(world, out))
-    assert r.returncode == 2 and f"{out}: in use by another boxseg-train (pid {holder.pid})" in r.stderr, r.stderr
+    assert r.returncode == 3 and f"{out}: in use by another boxseg-train (pid {holder.pid})" in r.stderr, r.stderr
     assert not (out / "stages").exists()
     holder.kill()  # the lock dies with its holder, however it ends
     holder.wait()

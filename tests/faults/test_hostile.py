@@ -160,7 +160,7 @@ def test_hostile_file_is_refused_before_inference(world, files, tmp_path, case):
     out = tmp_path / "out"
     r = {"propose": lambda: _propose(world, out, *args(files)), "eval": lambda: _eval(world, out, *args(files)),
          "export": lambda: _export(out, *args(files))}[command]()
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 3, r.output
     assert f"{files[culprit]}" in r.output and problem in r.output, r.output
     assert not files["marker"].exists(), "the pickle's payload ran"
     assert not list(out.glob("*.png")) and not list(out.glob("*.onnx"))

@@ -138,5 +138,5 @@ def test_changed_settings_on_resume_are_refused(world, tmp_path):
     out = tmp_path / "run"
     assert run_cli("train", *_train_args(world, out), failpoint="step:segnet2_r1@3").returncode == -signal.SIGKILL
     r = run_cli("train", *_train_args(world, out, "--set", "segnet2.iters=7"))
-    assert r.returncode == 2 and f"{out / 'config.yaml'}: this run was started with other settings (segnet2.iters)" \
+    assert r.returncode == 3 and f"{out / 'config.yaml'}: this run was started with other settings (segnet2.iters)" \
         in r.stderr, r.stderr

@@ -31,7 +31,7 @@ def test_nan_learning_rate_stops_keeps_last_good_and_resumes(world, reference_ru
     good = last.read_bytes()
     r = run_cli("train", *train_args(world, out, "--set", "segnet2.lr=1e30"))
     text = r.stdout + r.stderr
-    assert r.returncode == 3, text
+    assert r.returncode == 4, text
     assert "[segnet2_r1] loss became nan at iteration 3; stopped" in text and f"Last good checkpoint: {last}" in text
     assert "learning rate changed since the checkpoint: 0.002 -> 1e+30" in text
     assert "Traceback" not in text
@@ -49,7 +49,7 @@ def test_nan_learning_rate_in_a_later_stage_keeps_the_finished_ones(world, tmp_p
     out = tmp_path / "run"
     r = run_cli("train", *train_args(world, out, "--set", "segnet1.lr=1e30"))
     text = r.stdout + r.stderr
-    assert r.returncode == 3 and "[segnet1_source] loss became nan at iteration" in text, text
+    assert r.returncode == 4 and "[segnet1_source] loss became nan at iteration" in text, text
     assert "no checkpoint written yet" in text or "Last good checkpoint: " in text
     assert load_state_file(out / "stages" / "segnet2_r1" / "final.pt")["iteration"] == 5  # kept, whole
     assert not (out / "stages" / "segnet1_source" / "final.pt").exists()
@@ -86,7 +86,7 @@ def test_fp16_overflow_in_propose_is_reported_not_written(world, overflow, tmp_p
     n = len(list((tmp_path / "fp32").glob("*.png")))
     assert n == len((world.voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split())
     r = _propose(world, overflow / "segnet2.pt", tmp_path / "fp16", "fp16")
-    assert r.exit_code == 3, r.output
+    assert r.exit_code == 5, r.output
     assert not list((tmp_path / "fp16").glob("*.png"))
     manifest = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
     assert manifest["counts"]["failed"] == len(manifest["failed"]) >= n and manifest["counts"]["written"] == 0
@@ -101,12 +101,12 @@ def test_fp16_overflow_in_eval_is_reported_not_scored(world, overflow, tmp_path)
     assert r.exit_code == 0, r.output
     (tmp_path / "e" / "results.json").unlink()
     r = CliRunner().invoke(eval_cli, [*args, "--precision", "fp16"])
-    assert r.exit_code == 3 and "non-finite network output at fp16 for 12 image(s)" in r.output, r.output
+    assert r.exit_code == 5 and "non-finite network output at fp16 for 12 image(s)" in r.output, r.output
     assert "mIoU" not in r.output and not (tmp_path / "e" / "results.json").exists()
 
 
 def test_fp16_export_of_an_overflowing_model_fails_its_parity_check(overflow, tmp_path):
     r = CliRunner().invoke(export_cli, ["--model", str(overflow / "segnet2.pt"), "--out", str(tmp_path), "--fp16"])
-    assert r.exit_code == 5, r.output
+    assert r.exit_code == 7, r.output
     assert "parity vs PyTorch" in r.output and "FAIL" in r.output and "NON-FINITE outputs" in r.output
     assert "should not be trusted" in r.output

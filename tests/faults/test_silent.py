@@ -1,5 +1,5 @@
 """Silent wrong results: a rerun of boxseg-propose over a folder made with other settings
-must not keep the old PNGs under a new manifest (issue 17). It is refused with exit 2,
+must not keep the old PNGs under a new manifest (issue 17). It is refused with exit 3,
 naming the fields that differ; --overwrite replaces the old outputs."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_rerun_with_other_settings_is_refused(world, tmp_path, two_models, chang
     else:
         extra = ["--backend", "compile"]
     r = _run(world, out, model, *extra)
-    assert r.exit_code == 2 and "other settings" in r.output and field in r.output and "--overwrite" in r.output, r.output
+    assert r.exit_code == 3 and "other settings" in r.output and field in r.output and "--overwrite" in r.output, r.output
     assert _labels(out) == before  # nothing touched
 
 
@@ -74,7 +74,7 @@ def test_folder_without_a_record_is_refused(world, tmp_path, two_models):
     assert _run(world, out, a).exit_code == 0
     (out / ".boxseg-propose.json").unlink()  # as an older boxseg left it
     r = _run(world, out, a)
-    assert r.exit_code == 2 and "no record" in r.output, r.output
+    assert r.exit_code == 3 and "no record" in r.output, r.output
 
 
 def test_same_settings_resume(world, tmp_path, two_models):
