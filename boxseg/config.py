@@ -86,6 +86,7 @@ class TrainConfig:
     infer_precision: str = "auto"      # auto (fp16 on CUDA, fp32 on CPU, as boxseg-propose) | fp32 | fp16 | bf16
     checkpoint_every: int = 500
     deterministic: bool = False
+    sync_batch_norm: bool = False      # under torchrun: batch-norm statistics over the global batch
     data: DataConfig = field(default_factory=DataConfig)
     segnet1: SegNet1Config = field(default_factory=SegNet1Config)
     segnet2: SegNet2Config = field(default_factory=SegNet2Config)

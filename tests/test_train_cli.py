@@ -108,3 +108,24 @@ def test_bad_semi_list_and_config_name_the_file(world, tmp_path):
     bad.write_text("segnet1: [unclosed\n")
     r = CliRunner().invoke(train_cli, _args(world, tmp_path / "c", "--config", str(bad)))
     assert r.exit_code == 3 and f"{bad}: malformed YAML" in r.output
+
+
+def test_amp_other_than_bf16_or_none_is_refused(world, tmp_path):
+    for amp in ("fp16", "fp8"):
+        r = CliRunner().invoke(train_cli, _args(world, tmp_path / amp, "--set", f"amp={amp}"))
+        assert r.exit_code == 2 and "amp must be none or bf16" in r.output, r.output
+        assert not (tmp_path / amp / "config.yaml").exists()
+
+
+def test_a_field_added_by_a_newer_boxseg_does_not_block_a_resume():
+    from boxseg.config import preset, to_dict
+    from boxseg.train.alternate import _changed_fields, yaml_round_trip
+
+    new = yaml_round_trip(to_dict(preset("tiny")))
+    old = {k: v for k, v in new.items() if k not in ("sync_batch_norm", "infer_precision")}  # an older boxseg's
+    assert _changed_fields(old, new) == set()
+    assert _changed_fields(old, {**new, "sync_batch_norm": True}) == {"sync_batch_norm"}
+    # a missing field whose new value is not the default: the older run did not use it
+    old["segnet1"] = {k: v for k, v in new["segnet1"].items() if k != "source_iters_factor"}
+    assert new["segnet1"]["source_iters_factor"] == 3.0 and _changed_fields(old, new) == {"segnet1.source_iters_factor"}
+    assert _changed_fields({**new, "rounds": 2}, new) == {"rounds"}

@@ -9,6 +9,12 @@ from boxseg import __version__
 HELP = {"help_option_names": ["-h", "--help"]}
 
 
+def threads_option(f):
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads of the main process (default: the CPUs this process may use, by affinity "
+                             "and cgroup quota; boxseg-train: less one per DataLoader worker).")(f)
+
+
 def version(prog: str):
     return click.version_option(__version__, "--version", prog_name=prog, message="%(prog)s (boxseg) %(version)s")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, version
+from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.threads import configure_threads
 
 
 def _model(spec: str, preset: str, size: int | None):
@@ -57,8 +58,9 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--compile-mode", default="auto", show_default=True,
               help="torch.compile mode of the compile backend: auto (max-autotune on CUDA, default on CPU), "
                    "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")
+@threads_option
 def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag, e2e, voc_root,
-         workers, compile_mode) -> None:
+         workers, compile_mode, threads) -> None:
     """Time the model; write TAG.jsonl, TAG.md and TAG.png into --out."""
     import torch
 
@@ -66,6 +68,7 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
     from boxseg.cli.train import resolve_device
     from boxseg.data.files import write_bytes_atomic
 
+    configure_threads(threads)  # as boxseg-propose: its decode workers run at the lowest priority
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (stated in the results)

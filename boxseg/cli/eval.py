@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, version
+from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.threads import configure_threads
 from boxseg.predict import BACKENDS, default_precision
 from boxseg.report.plots import confusion_png
 
@@ -42,8 +43,9 @@ def iou_table(names: list[str], iou: list) -> str:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable images and labels instead of stopping.")
+@threads_option
 def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precision, backend, device, out_dir,
-         skip_bad) -> None:
+         skip_bad, threads) -> None:
     """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""
     from boxseg.cli.propose import open_target
     from boxseg.cli.train import resolve_device
@@ -59,6 +61,7 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
     except ValueError:
         raise click.BadParameter(f"not a comma list of numbers: {scales!r}", param_hint="--scales") from None
     split = split or ("val" if model_path else "train")
+    configure_threads(threads)
     dev = resolve_device(device)
     precision = precision or default_precision(dev)
     log = BadInputLog()

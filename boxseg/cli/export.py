@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, version
+from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.threads import configure_threads
 
 
 @click.command(context_settings=HELP)
@@ -27,12 +28,16 @@ from boxseg.cli import HELP, Exit, version
               help="TensorRT profile: min 1 / opt BATCH / max 2 x BATCH; AOTI: the package's static batch "
                    "(shorter batches are padded by the Predictor).")
 @click.option("--device", default="auto", show_default=True, help="Device for AOTI compilation (auto, cpu, cuda).")
-def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset, do_trt, do_aoti, batch, device) -> None:
-    """Write the artifacts and ARTIFACT.json (metadata with the parity result) into --out."""
+@threads_option
+def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset, do_trt, do_aoti, batch, device,
+         threads) -> None:
+    """Write the artifacts, each with <artifact>.json beside it (metadata with the parity
+    result), into --out."""
     from boxseg.cli.train import resolve_device
     from boxseg.errors import DataError
     from boxseg.models.meta import load_checkpoint_model
 
+    configure_threads(threads)
     if not (do_onnx or do_trt or do_aoti):
         do_onnx = True
     try:

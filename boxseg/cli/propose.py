@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, version
+from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.threads import configure_threads
 from boxseg.config import ProposalConfig
 from boxseg.errors import BadInputLog, DataError
 from boxseg.predict import BACKENDS, default_precision
@@ -86,9 +87,10 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
                    "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
+@threads_option
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
          workers, instances, threshold, margin, class_margin, merge, box_centre_fraction, skip_bad, backend,
-         overwrite) -> None:
+         overwrite, threads) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
     from boxseg.cli.train import resolve_device
@@ -96,6 +98,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
 
     if batch < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch")
+    configure_threads(threads)  # the decode workers run at the lowest priority (boxseg.propose): not counted
     dev = resolve_device(device)
     dist.init_from_env(dev)
     rank, world = dist.rank_world()
@@ -125,6 +128,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     # so two runs sharing a folder cannot read or delete each other's parts
     parts = dist.gather({"rank": rank, "run": run, "bad_input": log.to_dict()})
     if rank != 0:
+        dist.shutdown()
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     from boxseg.data.files import write_bytes_atomic
@@ -142,6 +146,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     if bad_truth is not None:
         click.echo(f"error: cannot score the proposals: {bad_truth}", err=True)
         sys.exit(Exit.BAD_INPUT)
+    dist.shutdown()
     if manifest["counts"]["failed"]:
         sys.exit(Exit.NON_FINITE)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, version
+from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.threads import configure_threads
 
 
 @click.command(context_settings=HELP)
@@ -22,8 +23,9 @@ from boxseg.cli import HELP, Exit, version
 @click.option("--screenshot", type=click.Path(path_type=Path),
               help="Also render the page in headless Chromium and save a PNG of it (needs chromium).")
 @click.option("--screenshot-height", type=int, default=None, help="Only the top H pixels (default: the whole page).")
+@threads_option
 def main(run_dir: Path, out_dir: Path, bench: tuple[Path, ...], n_images: int, voc_root: Path | None, device: str,
-         screenshot: Path | None, screenshot_height: int | None) -> None:
+         screenshot: Path | None, screenshot_height: int | None, threads) -> None:
     """Write OUT/index.html: gallery (image and boxes, each round's proposal, SegNet1's
     prediction, ground truth), per-round mIoU against the baselines, per-class IoU, the
     confusion matrix, training curves, benchmarks and the run's config and versions."""
@@ -33,6 +35,7 @@ def main(run_dir: Path, out_dir: Path, bench: tuple[Path, ...], n_images: int, v
     from boxseg.errors import DataError
     from boxseg.report.page import build_report
 
+    configure_threads(threads)
     try:
         cfg_path = run_dir / "config.yaml"
         try:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, version
+from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.threads import configure_threads
 import torch
 
 from boxseg.config import TrainConfig, load_yaml, override, preset
@@ -75,8 +76,9 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
               help="Predictor for the proposals and val scores between rounds (config infer_backend; default torch).")
 @click.option("--infer-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Their precision (config infer_precision; default auto: fp16 on CUDA, fp32 on CPU, as boxseg-propose).")
+@threads_option
 def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, coco_images, semi_list, semi_fraction,
-         device, run_dir, resume, skip_bad, deterministic, workers, seed, infer_backend, infer_precision) -> None:
+         device, run_dir, resume, skip_bad, deterministic, workers, seed, infer_backend, infer_precision, threads) -> None:
     """Train SegNet2 and SegNet1 in alternating rounds, plus the baselines, and print the table."""
     from boxseg.train import dist
     from boxseg.train.alternate import Scheme, open_datasets, prepare_run, results_table
@@ -114,8 +116,18 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise click.UsageError(f"{run_dir} is not empty; pass --resume or choose another --out")
 
+    if cfg.amp not in ("none", "bf16"):  # fp16 would need loss scaling (a GradScaler) to train safely
+        raise click.BadParameter(f"amp must be none or bf16, not {cfg.amp!r} (fp16 training without loss scaling "
+                                 f"underflows gradients; bf16 has fp32's range)", param_hint="--set amp")
+    configure_threads(threads, cfg.workers)
     dev = resolve_device(cfg.device)
     dist.init_from_env(dev)
+    world = dist.rank_world()[1]
+    for field, b in (("segnet1.batch", cfg.segnet1.batch), ("segnet2.batch", cfg.segnet2.batch)):
+        if b % world:  # the batch is global: each of the world's processes takes batch / world
+            dist.shutdown()
+            raise click.BadParameter(f"{field}={b} is the global batch and does not divide among {world} processes",
+                                     param_hint="--set")
     if dist.is_main():  # one trainer per run folder: a second one would interleave its checkpoints
         from boxseg.data.files import lock_folder
 
@@ -159,6 +171,7 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
             click.echo(f"final round / full: {res['ratio_learned_full']:.3f}; "
                        f"gain over box-filled: {res.get('gain_over_box_points', float('nan')):+.1f} points")
         click.echo(f"results: {run_dir / 'results.json'}")
+    dist.shutdown()
 
 
 if __name__ == "__main__":

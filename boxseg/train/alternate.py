@@ -104,7 +104,7 @@ class Scheme:
         plan = self.planned_stages()
         position = (plan.index(name) + 1, len(plan)) if name in plan else None
         return Stage(name, self.run_dir / "stages" / name, iters, batch, self.cfg.checkpoint_every, self.cfg.workers,
-                     position)
+                     position, self.cfg.sync_batch_norm)
 
     def seed(self, name: str) -> int:
         return (self.cfg.seed * 7919 + zlib.crc32(name.encode())) % (2**31)
@@ -296,10 +296,25 @@ def prepare_run(cfg: TrainConfig, run_dir: Path) -> None:
         save_yaml(cfg, path)
 
 
-def _changed_fields(old, new, prefix: str = "") -> set[str]:
+def _changed_fields(old, new, prefix: str = "", defaults=None) -> set[str]:
+    """Dotted names of the fields that differ. A field missing from the old config (written
+    by a boxseg that did not have it) counts as unchanged while the new one holds its default."""
+    if defaults is None:
+        from boxseg.config import to_dict
+
+        defaults = yaml_round_trip(to_dict(TrainConfig()))
     if isinstance(old, dict) and isinstance(new, dict):
         out: set[str] = set()
         for k in set(old) | set(new):
-            out |= _changed_fields(old.get(k), new.get(k), f"{prefix}{k}.")
+            d = defaults.get(k) if isinstance(defaults, dict) else None
+            if k not in old and k in new and new[k] == d:
+                continue
+            out |= _changed_fields(old.get(k), new.get(k), f"{prefix}{k}.", d if d is not None else {})
         return out
     return set() if old == new else {prefix.rstrip(".")}
+
+
+def yaml_round_trip(d: dict) -> dict:
+    import yaml
+
+    return yaml.safe_load(yaml.safe_dump(d, sort_keys=False))

@@ -27,11 +27,23 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, device: torch.device, sync_batch_norm: bool = False) -> torch.nn.Module:
+    """DDP around `model` in a process group (the module itself otherwise). With
+    `sync_batch_norm`, batch-norm statistics are computed over the global batch (the layers
+    are converted in place, so the returned module's inner one is still `model`)."""
     if rank_world()[1] == 1:
         return model
+    if sync_batch_norm:
+        for name, child in list(model.named_children()):
+            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op in one process)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def mean(t: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ class Stage:
     checkpoint_every: int
     workers: int = 0
     position: tuple[int, int] | None = None   # (k, n): the k-th of the run's n stages
+    sync_batch_norm: bool = False              # under torchrun: batch-norm statistics over the global batch
 
     @property
     def label(self) -> str:
@@ -106,7 +107,7 @@ def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optim
             for group, base in zip(optimizer.param_groups, fresh):
                 group["initial_lr"] = base
                 group["lr"] = base * poly_lambda(stage.iters)(start)
-    train_model = dist.wrap(model, device)
+    train_model = dist.wrap(model, device, stage.sync_batch_norm)
     train_model.train()
     rank, world = dist.rank_world()
     loader = DataLoader(dataset, batch_size=stage.batch // world, num_workers=stage.workers,
