@@ -195,12 +195,14 @@ def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], pr
 
 def environment(device: torch.device) -> dict:
     import numpy
-    import onnxruntime
 
     import boxseg
+    from boxseg.versions import library_versions
 
+    v = library_versions()
+    ort = v["onnxruntime-gpu"] if v["onnxruntime"] == "not installed" else v["onnxruntime"]
     env = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "torch": torch.__version__,
-           "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "boxseg": boxseg.__version__,
+           "onnxruntime": ort, "numpy": numpy.__version__, "boxseg": boxseg.__version__,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "tf32": False,
            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}

@@ -433,6 +433,35 @@ def claim_folder(out_dir: Path, signature: dict, overwrite: bool = False) -> Non
     write_bytes_atomic(path, json.dumps(signature, indent=2, sort_keys=True).encode())
 
 
+def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
+    """The manifest of a proposal folder: `head` (model, predictor, settings, versions) with
+    the counts, timing and stage breakdown of every rank's `ProposalRun.to_dict()` merged
+    (parts: [{"rank", "run", "bad_input"}]); boxseg-propose and the training rounds write it."""
+    runs = [p["run"] for p in parts]
+    skipped = [s for p in parts for s in p["bad_input"]["skipped"]]
+    clipped = {f: n for p in parts for f, n in p["bad_input"].get("clipped_files", {}).items()}
+    failed = [f for r in runs for f in r["failed"]]
+    secs = max(r["seconds"] for r in runs)
+    written = sum(r["written"] for r in runs)
+    counts = {"images": len(list(out_dir.glob("*.png"))), "written": written,
+              "skipped_existing": sum(r["skipped_existing"] for r in runs), "pairs": sum(r["pairs"] for r in runs),
+              "skipped_bad": len(skipped), "failed": len(failed)}
+    stages: dict = {}
+    for r in runs:  # seconds per pipeline stage, summed over ranks (boxseg.propose.STAGES)
+        for k, v in r.get("stages", {}).items():
+            if k != "device_busy":
+                stages[k] = round(stages.get(k, 0.0) + v, 4)
+    busy = [r["stages"]["device_busy"] for r in runs if "device_busy" in r.get("stages", {})]
+    timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
+              "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs), "stages": stages,
+              "device_busy": round(sum(busy) / len(busy), 4) if busy else None}
+    if secs > 0:
+        timing["images_per_s"] = round(written / secs, 2)
+        timing["pairs_per_s"] = round(counts["pairs"] / secs, 2)
+    return {**head, "counts": counts, "timing": timing, "skipped_files": skipped, "failed": failed,
+            "clipped_boxes": sum(clipped.values()), "clipped_files": clipped}
+
+
 def coco_results(out_dir: Path, images: ImageSet, coco_ids: tuple[int, ...], image_id: Callable[[int], int]) -> list[dict]:
     """The per-image instance files as one COCO results list (RLE masks), in dataset order."""
     res = []

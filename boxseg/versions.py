@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.metadata as md
 import platform
 
-PACKAGES = ("boxseg", "torch", "numpy", "onnx", "onnxruntime", "pillow", "opencv-python-headless", "matplotlib")
+PACKAGES = ("boxseg", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "pillow",
+            "opencv-python-headless", "matplotlib")
 
 
 def library_versions() -> dict[str, str]:

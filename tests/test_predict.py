@@ -165,3 +165,37 @@ def test_consumers_hold_no_model_runner_of_their_own():
         src = open(mod.__file__).read()
         for banned in ("torch.autocast", "load_checkpoint_model(", ".half()", "torch.compile("):
             assert banned not in src, f"{mod.__name__} uses {banned}"
+
+
+# -- onnxruntime builds ---------------------------------------------------------------------------
+
+def test_missing_onnxruntime_is_a_clear_error(world, models, tmp_path, monkeypatch):
+    import boxseg.predict.onnxruntime as ortmod
+    from boxseg.export.onnx import export_onnx
+    from boxseg.models.meta import load_checkpoint_model
+
+    model, meta = load_checkpoint_model(models["segnet2"][0])
+    export_onnx(model, meta, tmp_path / "s2.onnx")
+
+    def missing():
+        raise ortmod.OnnxRuntimeMissing("onnxruntime is not installed: pip install 'boxseg[cpu]'")
+    monkeypatch.setattr(ortmod, "import_onnxruntime", missing)
+    r = CliRunner().invoke(propose_cli, ["--model", str(tmp_path / "s2.onnx"), "--voc-root", str(world.voc_root),
+                                         "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 6 and "pip install 'boxseg[cpu]'" in r.output, r.output
+
+
+def test_both_onnxruntime_builds_are_named_when_cuda_is_missing(models, tmp_path, monkeypatch):
+    import importlib.metadata as md
+
+    import boxseg.predict.onnxruntime as ortmod
+    from boxseg.export.onnx import export_onnx
+    from boxseg.models.meta import load_checkpoint_model
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda name: "1.0" if name == "onnxruntime-gpu" else real(name))
+    assert ortmod.installed_builds() == ["onnxruntime", "onnxruntime-gpu"]
+    model, meta = load_checkpoint_model(models["segnet2"][0])
+    export_onnx(model, meta, tmp_path / "s2.onnx")
+    with pytest.raises(ortmod.ProviderFallback, match="both onnxruntime and onnxruntime-gpu are installed"):
+        ortmod.OrtPredictor(tmp_path / "s2.onnx", meta, torch.device("cuda"), "fp16")

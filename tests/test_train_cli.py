@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -32,6 +33,14 @@ def test_run_directory_holds_every_stage_and_results(world, tmp_path):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["rounds"] == 2 and cfg["segnet1"]["iters"] == 3
     assert cfg["workers"] == 0 and cfg["seed"] == 0 and cfg["infer_backend"] == "torch"
+    # every proposal folder of the run holds boxseg-propose's manifest, with its score
+    scored = {"source_r1": res["source_proposal_miou_r1"], "target_r1": res["rounds"]["round1"]["proposal_miou"],
+              "target_r2": res["rounds"]["round2"]["proposal_miou"]}
+    for props, miou in scored.items():
+        m = json.loads((out / "proposals" / props / "manifest.json").read_text())
+        assert m["counts"]["images"] == len(list((out / "proposals" / props).glob("*.png"))) > 0
+        assert m["predictor"]["backend"] == "torch" and set(m["timing"]["stages"]) >= {"model", "post", "wall"}
+        assert m["quality"]["miou"] == pytest.approx(miou)
     done = json.loads((out / "proposals" / "target_r2" / "done.json").read_text())
     assert done["predictor"]["backend"] == "torch" and done["precision"] == "fp32" and done["stages"]["model"] > 0
     for stage in ("segnet2_r1", "segnet1_source", "segnet1_r1", "segnet2_r2", "segnet1_r2", "segnet1_full"):

@@ -13,6 +13,8 @@ import click
 from boxseg.cli import HELP, Exit, threads_option, version
 from boxseg.threads import configure_threads
 from boxseg.predict import BACKENDS, default_precision
+from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
+from boxseg.predict.tensorrt import TensorRTMissing
 from boxseg.report.plots import confusion_png
 
 
@@ -94,6 +96,9 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
     except DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(Exit.BAD_INPUT)
+    except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:  # an optional package missing or misinstalled
+        click.echo(f"error: {e}", err=True)
+        sys.exit(Exit.MISSING_PACKAGE)
     except NonFiniteOutput as e:
         click.echo(f"error: {model_path}: {e}", err=True)
         sys.exit(Exit.NON_FINITE)

@@ -66,9 +66,14 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
     onnx_path = out_dir / f"{stem}.onnx"
     if do_onnx or do_trt:
         from boxseg.export.onnx import export_onnx
+        from boxseg.predict.onnxruntime import OnnxRuntimeMissing
 
-        report(onnx_path, export_onnx(model, meta, onnx_path, fp16, dynamic_batch, opset,
-                                             dynamic_size=dynamic_size))
+        try:  # the parity check runs the file in onnxruntime
+            report(onnx_path, export_onnx(model, meta, onnx_path, fp16, dynamic_batch, opset,
+                                          dynamic_size=dynamic_size))
+        except OnnxRuntimeMissing as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(Exit.MISSING_PACKAGE)
     if do_trt:
         from boxseg.export.trt import build_engine
         from boxseg.predict.tensorrt import TensorRTMissing

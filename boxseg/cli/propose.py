@@ -15,6 +15,9 @@ from boxseg.threads import configure_threads
 from boxseg.config import ProposalConfig
 from boxseg.errors import BadInputLog, DataError
 from boxseg.predict import BACKENDS, default_precision
+from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
+from boxseg.predict.tensorrt import TensorRTMissing
+from boxseg.propose import merge_manifest
 from boxseg.versions import library_versions
 
 METHODS = ("learned", "box", "box-centre", "grabcut")
@@ -124,6 +127,9 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     except DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(Exit.BAD_INPUT)
+    except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:  # an optional package missing or misinstalled
+        click.echo(f"error: {e}", err=True)
+        sys.exit(Exit.MISSING_PACKAGE)
     # each rank's part travels to rank 0 through the process group, not through files in --out,
     # so two runs sharing a folder cannot read or delete each other's parts
     parts = dist.gather({"rank": rank, "run": run, "bad_input": log.to_dict()})
@@ -133,7 +139,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     out_dir.mkdir(parents=True, exist_ok=True)
     from boxseg.data.files import write_bytes_atomic
 
-    manifest = _merge_manifest(out_dir, parts, {**info, "method": method, "config": dataclasses.asdict(cfg),
+    manifest = merge_manifest(out_dir, parts, {**info, "method": method, "config": dataclasses.asdict(cfg),
                                                 "data": target.describe, "precision": precision, "device": str(dev),
                                                 "world_size": world, "versions": library_versions(),
                                                 "date": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -216,32 +222,6 @@ def _baseline(method, target: Target, out_dir, fraction, shard):
     mine = len(range(rank, len(target.images), world))
     return {"box_centre_fraction": fraction}, {"written": done["written"], "skipped_existing": mine - done["written"],
                                                "pairs": 0, "failed": [], "seconds": round(secs, 3)}
-
-
-def _merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
-    runs = [p["run"] for p in parts]
-    skipped = [s for p in parts for s in p["bad_input"]["skipped"]]
-    clipped = {f: n for p in parts for f, n in p["bad_input"].get("clipped_files", {}).items()}
-    failed = [f for r in runs for f in r["failed"]]
-    secs = max(r["seconds"] for r in runs)
-    written = sum(r["written"] for r in runs)
-    counts = {"images": len(list(out_dir.glob("*.png"))), "written": written,
-              "skipped_existing": sum(r["skipped_existing"] for r in runs), "pairs": sum(r["pairs"] for r in runs),
-              "skipped_bad": len(skipped), "failed": len(failed)}
-    stages: dict = {}
-    for r in runs:  # seconds per pipeline stage, summed over ranks (boxseg.propose.STAGES)
-        for k, v in r.get("stages", {}).items():
-            if k != "device_busy":
-                stages[k] = round(stages.get(k, 0.0) + v, 4)
-    busy = [r["stages"]["device_busy"] for r in runs if "device_busy" in r.get("stages", {})]
-    timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
-              "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs), "stages": stages,
-              "device_busy": round(sum(busy) / len(busy), 4) if busy else None}
-    if secs > 0:
-        timing["images_per_s"] = round(written / secs, 2)
-        timing["pairs_per_s"] = round(counts["pairs"] / secs, 2)
-    return {**head, "counts": counts, "timing": timing, "skipped_files": skipped, "failed": failed,
-            "clipped_boxes": sum(clipped.values()), "clipped_files": clipped}
 
 
 def _quality(out_dir: Path, target: Target, instances: bool) -> dict:

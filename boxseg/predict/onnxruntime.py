@@ -45,19 +45,50 @@ def check_onnx_file(path: Path) -> None:
             raise DataError(path, f"refused: external data {loc!r} of tensor {t.name!r} lies outside {folder}")
 
 
+class OnnxRuntimeMissing(RuntimeError):
+    """Neither onnxruntime (CPU) nor onnxruntime-gpu is installed."""
+
+
+def installed_builds() -> list[str]:
+    """The onnxruntime distributions installed: both write the same `onnxruntime` package
+    folder, so with both the one installed last wins, whatever was asked for."""
+    import importlib.metadata as md
+
+    out = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.version(name)
+            out.append(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise OnnxRuntimeMissing(f"onnxruntime is not installed: pip install 'boxseg[cpu]' (CPU) or 'boxseg[gpu]' "
+                                 f"(onnxruntime-gpu) ({e})") from None
+    return ort
+
+
 class OrtPredictor(Predictor):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, meta: dict, device: torch.device, precision: str, batch: int = 64):
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         super().__init__(meta, device, precision, batch)
         path = Path(path)
         check_onnx_file(path)
         wanted = "CUDAExecutionProvider" if self.device.type == "cuda" else "CPUExecutionProvider"
         if wanted not in ort.get_available_providers():
-            raise ProviderFallback(f"{wanted} is not available in this onnxruntime ({ort.get_available_providers()}); "
-                                   f"install onnxruntime-gpu for CUDA")
+            builds = installed_builds()
+            why = ("both onnxruntime and onnxruntime-gpu are installed and the CPU build's files won: "
+                   "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+                   if len(builds) > 1 else "install onnxruntime-gpu (pip install 'boxseg[gpu]') for CUDA")
+            raise ProviderFallback(f"{wanted} is not available in this onnxruntime "
+                                   f"({ort.get_available_providers()}): {why}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = [(wanted, {"device_id": self.device.index or 0})] if self.device.type == "cuda" else [wanted]
@@ -69,6 +100,7 @@ class OrtPredictor(Predictor):
         if used != wanted:
             raise ProviderFallback(f"{path}: asked onnxruntime for {wanted}, it uses {used}")
         self.provider = used
+        self.settings["onnxruntime"] = f"{'+'.join(installed_builds())} {ort.__version__}"
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
         if inp.type not in _ORT_TYPES or out.type not in _ORT_TYPES:

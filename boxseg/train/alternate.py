@@ -11,7 +11,9 @@ running the same command again) continues where a killed run stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +33,12 @@ from boxseg.faults import failpoint
 from boxseg.inference import evaluate_segnet1, gt_reader, label_reader, score_label_dir, write_baseline
 from boxseg.models.meta import segnet2_meta
 from boxseg.predict import Predictor, default_precision, torch_predictor
-from boxseg.propose import propose
+from boxseg.propose import merge_manifest, propose
 from boxseg.train import dist
 from boxseg.train.loop import Stage
 from boxseg.train.segnet1 import train_segnet1
 from boxseg.train.segnet2 import train_segnet2
+from boxseg.versions import library_versions
 
 
 @dataclass
@@ -180,7 +183,9 @@ class Scheme:
                 source_segnet1 = self.segnet1("segnet1_source", self.data.source,
                                               label_reader(src_dir, self.data.source), SOURCE_CLASSES,
                                               iters=max(1, round(cfg.segnet1.source_iters_factor * cfg.segnet1.iters)))
-                self.results["source_proposal_miou_r1"] = score_label_dir(src_dir, self.data.source)[0].miou
+                src_scores, src_cover = score_label_dir(src_dir, self.data.source)
+                self.add_quality(src_dir, src_scores, src_cover)
+                self.results["source_proposal_miou_r1"] = src_scores.miou
             else:
                 failpoint(f"round:{r}")
                 segnet2 = train_segnet2(self.stage(f"segnet2_r{r}", c2.iters_next, c2.batch), self.data.source, c2,
@@ -189,6 +194,7 @@ class Scheme:
             tgt_dir = self.proposals_dir(f"target_r{r}")
             self.propose(segnet2, target_segnet1 if r > 1 else None, train, tgt_dir)
             prop, cover = score_label_dir(tgt_dir, train)
+            self.add_quality(tgt_dir, prop, cover)
             target_segnet1 = self.segnet1(f"segnet1_r{r}", train, self.target_labels(tgt_dir, semi), VOC_TARGET_CLASSES)
             self.results["rounds"][key] = {"proposal_miou": prop.miou, "proposal_coverage": cover,
                                            **self.val_miou(target_segnet1)}
@@ -203,10 +209,28 @@ class Scheme:
         if dist.is_main():
             b = self.cfg.proposals.batch
             seg2, seg1 = self.predictor(segnet2, "segnet2", b), self.predictor(segnet1, "segnet1", b)
+            log = BadInputLog()
             run = propose(seg2, seg1, images, out, self.cfg.segnet2.input_size, self.cfg.proposals,
-                          self.device, self.infer_precision, self.cfg.workers, progress=self.progress)
+                          self.device, self.infer_precision, self.cfg.workers, log=log, progress=self.progress)
+            # the manifest boxseg-propose writes (the networks are this run's stages, in memory)
+            head = {"model": f"{self.run_dir / 'stages'} (this run's SegNet2, in memory)", "model_meta": seg2.meta,
+                    "predictor": seg2.describe(), "segnet1": "this run's SegNet1" if seg1 is not None else None,
+                    "method": "learned", "config": dataclasses.asdict(self.cfg.proposals),
+                    "data": {"dataset": type(images.dataset).__name__, "images": len(images)},
+                    "precision": self.infer_precision, "device": str(self.device), "world_size": 1,
+                    "versions": library_versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            manifest = merge_manifest(out, [{"rank": 0, "run": run.to_dict(), "bad_input": log.to_dict()}], head)
+            write_bytes_atomic(out / "manifest.json", json.dumps(manifest, indent=2).encode())
             self._mark_done(out, {**run.to_dict(), "predictor": seg2.describe(), "precision": self.infer_precision})
         dist.barrier()
+
+    def add_quality(self, out: Path, scores, coverage: float) -> None:
+        """Put the proposals' score (computed by the scheme right after) into their manifest."""
+        path = out / "manifest.json"
+        if dist.is_main() and path.exists():
+            m = json.loads(path.read_text())
+            m["quality"] = {"miou": scores.miou, "coverage": coverage}
+            write_bytes_atomic(path, json.dumps(m, indent=2).encode())
 
     def baseline(self, name: str) -> None:
         out = self.proposals_dir(name)
