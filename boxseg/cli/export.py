@@ -21,7 +21,7 @@ from boxseg.threads import configure_threads
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
 @click.option("--dynamic-size", is_flag=True,
               help="ONNX: dynamic height/width too (for a SegNet1 that feeds boxseg-propose's score-map channel).")
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--trt", "do_trt", is_flag=True, help="A TensorRT engine built from the ONNX file (needs tensorrt and a GPU).")
 @click.option("--aoti", "do_aoti", is_flag=True, help="An AOTInductor package (.pt2) for --device.")
 @click.option("--batch", type=int, default=64, show_default=True,
