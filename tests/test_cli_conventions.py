@@ -25,3 +25,23 @@ def test_dash_h_on_subcommands():
     for sub in ("synth", "check"):
         r = CliRunner().invoke(data.main, [sub, "-h"], prog_name="boxseg-data")
         assert r.exit_code == 0 and r.output.startswith(f"Usage: boxseg-data {sub}"), r.output
+
+
+def test_one_default_precision_for_propose_eval_and_the_rounds():
+    import torch
+
+    from boxseg.predict import default_precision
+
+    assert default_precision(torch.device("cuda")) == "fp16" and default_precision(torch.device("cpu")) == "fp32"
+    for cmd in (propose.main, eval.main):
+        opt = next(p for p in cmd.params if p.name == "precision")
+        assert opt.default is None and "fp16 on CUDA, fp32 on CPU" in opt.help
+
+
+def test_the_torch_floor_fixes_the_known_weights_only_bypasses():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    major, minor = map(int, re.search(r'"torch>=(\d+)\.(\d+)"', text).groups())
+    assert (major, minor) >= (2, 10)  # CVE-2025-32434 (fixed in 2.6), CVE-2026-24747 (fixed in 2.10)

@@ -39,3 +39,16 @@ def test_two_process_gloo_matches_one_process(world, tmp_path):
     # rank 0 alone wrote: one final checkpoint, one metrics file, no per-rank leftovers
     assert (two / "stages" / "segnet1_full" / "final.pt").exists()
     assert not (two / "stages" / "segnet1_full" / "last.pt").exists()
+
+
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(world, tmp_path):
+    """`segnet1.batch` is the global batch: 7 cannot be split over 2 processes (it was
+    silently cut to 2 x 3)."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                        "-m", "boxseg.cli.train", "--preset", "tiny", "--voc-root", str(world.voc_root),
+                        "--coco-ann", str(world.coco_ann), "--coco-images", str(world.coco_images), "--setting", "full",
+                        "--set", "segnet1.batch=7", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode != 0 and "segnet1.batch=7 is the global batch and does not divide among 2 processes" in r.stderr, \
+        r.stderr[-2000:]
+    assert not (tmp_path / "run" / "stages").exists()

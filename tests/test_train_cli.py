@@ -138,3 +138,8 @@ def test_a_field_added_by_a_newer_boxseg_does_not_block_a_resume():
     old["segnet1"] = {k: v for k, v in new["segnet1"].items() if k != "source_iters_factor"}
     assert new["segnet1"]["source_iters_factor"] == 3.0 and _changed_fields(old, new) == {"segnet1.source_iters_factor"}
     assert _changed_fields({**new, "rounds": 2}, new) == {"rounds"}
+
+
+def test_sync_batch_norm_without_cuda_is_refused(world, tmp_path):
+    r = CliRunner().invoke(train_cli, _args(world, tmp_path / "r", "--set", "sync_batch_norm=true", "--device", "cpu"))
+    assert r.exit_code == 2 and "sync_batch_norm needs CUDA" in r.output, r.output

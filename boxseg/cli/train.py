@@ -122,6 +122,9 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     configure_threads(threads, cfg.workers)
     dev = resolve_device(cfg.device)
     dist.init_from_env(dev)
+    if cfg.sync_batch_norm and dev.type != "cuda":
+        dist.shutdown()
+        raise click.BadParameter("sync_batch_norm needs CUDA devices (torch's SyncBatchNorm)", param_hint="--set")
     world = dist.rank_world()[1]
     for field, b in (("segnet1.batch", cfg.segnet1.batch), ("segnet2.batch", cfg.segnet2.batch)):
         if b % world:  # the batch is global: each of the world's processes takes batch / world
