@@ -205,3 +205,62 @@ def save_yaml(cfg, path: Path) -> None:
     from boxseg.data.files import write_bytes_atomic
 
     write_bytes_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+
+
+def proposal_problems(p: ProposalConfig) -> list[str]:
+    """What is wrong with a merge rule's settings (empty when nothing)."""
+    import math
+
+    out = []
+    if not (math.isfinite(p.threshold) and 0 < p.threshold < 1):
+        out.append(f"threshold must be in (0, 1), not {p.threshold}")
+    if not (math.isfinite(p.margin) and 0 <= p.margin < 1):
+        out.append(f"margin must be in [0, 1), not {p.margin}")
+    if not (math.isfinite(p.class_margin) and 0 <= p.class_margin < 1):
+        out.append(f"class_margin must be in [0, 1), not {p.class_margin}")
+    if p.merge not in ("ignore", "order"):
+        out.append(f"merge must be ignore or order, not {p.merge!r}")
+    if p.batch < 1:
+        out.append(f"batch must be >= 1, not {p.batch}")
+    return out
+
+
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """Everything wrong with a training config, checked before anything is written (empty
+    when it is sound). Field names are dotted as --set takes them."""
+    import math
+
+    from boxseg.data.synth import SIZES
+
+    out = []
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            out.append(f"{field} {what}")
+
+    need(cfg.setting in ("weak", "semi", "full"), "setting", f"must be weak, semi or full, not {cfg.setting!r}")
+    need(cfg.rounds >= 0, "rounds", f"must be >= 0, not {cfg.rounds}")
+    need(cfg.amp in ("none", "bf16"), "amp", f"must be none or bf16, not {cfg.amp!r} (fp16 training without loss "
+                                             f"scaling underflows gradients; bf16 has fp32's range)")
+    need(cfg.workers >= 0, "workers", f"must be >= 0, not {cfg.workers}")
+    need(cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, not {cfg.checkpoint_every}")
+    need(cfg.infer_backend in ("torch", "compile"), "infer_backend", f"must be torch or compile, not {cfg.infer_backend!r}")
+    need(cfg.infer_precision in ("auto", "fp32", "fp16", "bf16"), "infer_precision",
+         f"must be auto, fp32, fp16 or bf16, not {cfg.infer_precision!r}")
+    need(0 < cfg.box_centre_fraction <= 1, "box_centre_fraction", f"must be in (0, 1], not {cfg.box_centre_fraction}")
+    need(0 <= cfg.semi_fraction <= 1, "semi_fraction", f"must be in [0, 1], not {cfg.semi_fraction}")
+    unknown = [b for b in cfg.baselines if b not in ("box", "box-centre", "grabcut", "full")]
+    need(not unknown, "baselines", f"has unknown names {unknown}; valid: box, box-centre, grabcut, full")
+    need(cfg.data.synth_size in SIZES, "data.synth_size", f"must be one of {sorted(SIZES)}, not {cfg.data.synth_size!r}")
+    for name, c in (("segnet1", cfg.segnet1), ("segnet2", cfg.segnet2)):
+        need(c.batch >= 1, f"{name}.batch", f"must be >= 1, not {c.batch}")
+        need(c.iters >= 1, f"{name}.iters", f"must be >= 1, not {c.iters}")
+        need(math.isfinite(c.lr) and c.lr > 0, f"{name}.lr", f"must be a positive number, not {c.lr}")
+        need(0 < c.scale_min <= c.scale_max, f"{name}.scale_min/scale_max", f"must satisfy 0 < min <= max, not "
+                                                                             f"{c.scale_min}/{c.scale_max}")
+    need(cfg.segnet2.iters_next >= 1, "segnet2.iters_next", f"must be >= 1, not {cfg.segnet2.iters_next}")
+    need(cfg.segnet1.optimizer in ("sgd", "adam"), "segnet1.optimizer", f"must be sgd or adam, not {cfg.segnet1.optimizer!r}")
+    need(cfg.segnet1.crop >= 16 and cfg.segnet1.test_size >= 16, "segnet1.crop/test_size", "must be >= 16")
+    need(cfg.segnet2.input_size >= 16, "segnet2.input_size", "must be >= 16")
+    out += [f"proposals.{p}" for p in proposal_problems(cfg.proposals)]
+    return out

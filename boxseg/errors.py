@@ -22,6 +22,18 @@ class DataError(Exception):
         return (DataError, (self.path, self.problem))
 
 
+class NoSpace(OSError):
+    """The disk is full: names the file being written. Everything written before stays whole
+    (atomic writes), and the same command resumes once there is room."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        super().__init__(28, f"no space left on device while writing {self.path}")
+
+    def __reduce__(self):
+        return (NoSpace, (self.path,))
+
+
 class NonFiniteOutput(RuntimeError):
     """A network gave NaN or infinite outputs (fp16 overflow, broken weights): nothing is
     scored or written from them."""

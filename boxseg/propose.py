@@ -44,6 +44,7 @@ from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint
+from boxseg.workers import background_worker, foreground_worker, lower_priority
 from boxseg.predict import Predictor, torch_predictor
 from boxseg.predict.image import Letterbox, letterbox, letterbox_params, unletterbox
 from boxseg.proposals import merge_foreground_torch, range_masks
@@ -79,18 +80,6 @@ class _Decoded(Dataset):
         return {"index": i, "id": sample_id, "canvas": letterbox(s.image, lb, MEAN_U8), "lb": lb,
                 "boxes": boxes, "labels": labels, "ranges": ranges, "image_ranges": image_ranges,
                 "classes": sorted(set(labels.tolist()))}
-
-
-def _background(*_) -> None:
-    """Decoders and writers yield the CPU to the main loop: on a CPU device the network's
-    threads use every core, and a parallel region slowed by one busy core waits for its
-    straggler."""
-    import os
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at the usual priority
-        pass
 
 
 def _collate(recs: list[dict]) -> dict:
@@ -196,12 +185,12 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     cuda = device.type == "cuda"
     loader = DataLoader(_Decoded(images, todo, size), batch_size=max(1, chunk), collate_fn=_collate,
                         num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=cuda,
-                        persistent_workers=False, worker_init_fn=_background if not cuda else None)
+                        persistent_workers=False, worker_init_fn=background_worker if not cuda else foreground_worker)
     clock = _Clock(device)
     pending: dict[int, _Image] = {}
     queue: list[tuple[int, int]] = []
     pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write",
-                              initializer=_background if not cuda else None)
+                              initializer=lower_priority if not cuda else None)
     slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
     futures: list[Future] = []
     bar = tqdm(total=len(todo), desc="proposals", unit="img", disable=not progress, leave=False)

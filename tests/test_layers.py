@@ -12,7 +12,7 @@ import boxseg
 ROOT = Path(boxseg.__file__).parent
 LAYERS = [  # (layer, module prefixes); a module takes the layer of its longest matching prefix
     (0, ["boxseg", "boxseg.config", "boxseg.errors", "boxseg.faults", "boxseg.versions", "boxseg.data",
-         "boxseg.metrics", "boxseg.proposals", "boxseg.crf", "boxseg.baselines"]),
+         "boxseg.metrics", "boxseg.proposals", "boxseg.crf", "boxseg.baselines", "boxseg.threads", "boxseg.workers"]),
     (1, ["boxseg.models"]),
     (2, ["boxseg.predict"]),
     (3, ["boxseg.export", "boxseg.train", "boxseg.propose", "boxseg.inference", "boxseg.bench", "boxseg.report"]),

@@ -31,3 +31,24 @@ class Exit:
     PARITY_FAILED = 7       # boxseg-export: an artifact disagrees with PyTorch (written, but not to be trusted)
     EXPORT_FAILED = 8       # boxseg-export: the AOTInductor compile failed or crashed (phase named)
     PAGE_CHECK_FAILED = 9   # boxseg-report --screenshot: console errors or broken images in the page
+    NO_SPACE = 10           # the disk filled up (the file named); what was written is whole, a rerun resumes
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a command as Ctrl-C does: cleanup runs (workers stopped, nothing half
+    written), and the same command resumes."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def no_space(e: OSError) -> None:
+    """Report a full disk and exit (Exit.NO_SPACE)."""
+    import sys
+
+    click.echo(f"error: {e.strerror}; what was written is whole, and the same command resumes once there is room",
+               err=True)
+    sys.exit(Exit.NO_SPACE)

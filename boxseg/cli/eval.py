@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.cli import HELP, Exit, no_space, stop_on_sigterm, threads_option, version
+from boxseg.data.files import output_folder
 from boxseg.threads import configure_threads
 from boxseg.predict import BACKENDS, default_precision
 from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
@@ -51,7 +53,7 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
     """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""
     from boxseg.cli.propose import open_target
     from boxseg.cli.train import resolve_device
-    from boxseg.errors import BadInputLog, DataError, NonFiniteOutput
+    from boxseg.errors import BadInputLog, DataError, NonFiniteOutput, NoSpace
     from boxseg.metrics import ConfusionMatrix
 
     if (model_path is None) == (prop_dir is None):
@@ -62,13 +64,21 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
         scale_list = tuple(float(s) for s in scales.split(","))
     except ValueError:
         raise click.BadParameter(f"not a comma list of numbers: {scales!r}", param_hint="--scales") from None
+    bad = [s for s in scale_list if not (math.isfinite(s) and 0.1 <= s <= 4)]
+    if bad:  # a scale of 100 grew the process to 23 GB
+        raise click.BadParameter(f"scales must lie in [0.1, 4], not {bad}", param_hint="--scales")
+    if batch < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--batch")
     split = split or ("val" if model_path else "train")
     configure_threads(threads)
     dev = resolve_device(device)
     precision = precision or default_precision(dev)
     log = BadInputLog()
     t0 = time.perf_counter()
+    stop_on_sigterm()
     try:
+        if out_dir is not None:
+            output_folder(out_dir)
         target = open_target(voc_root, split, None, None, skip_bad, log)
         conf = ConfusionMatrix(target.images.num_classes)
         res: dict = {"split": split, "data": target.describe}
@@ -99,6 +109,8 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
     except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:  # an optional package missing or misinstalled
         click.echo(f"error: {e}", err=True)
         sys.exit(Exit.MISSING_PACKAGE)
+    except NoSpace as e:
+        no_space(e)
     except NonFiniteOutput as e:
         click.echo(f"error: {model_path}: {e}", err=True)
         sys.exit(Exit.NON_FINITE)
@@ -111,11 +123,13 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
     if out_dir is not None:
         from boxseg.data.files import write_bytes_atomic
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out_dir / "results.json", json.dumps(res, indent=2).encode())
-        write_bytes_atomic(out_dir / "per_class.md", (iou_table(target.names, scores.iou) + "\n").encode())
-        confusion_png(conf.mat.numpy(), target.names, out_dir / "confusion.png",
-                      f"{model_path or prop_dir}: mIoU {100 * scores.miou:.1f}")
+        try:
+            write_bytes_atomic(out_dir / "results.json", json.dumps(res, indent=2).encode())
+            write_bytes_atomic(out_dir / "per_class.md", (iou_table(target.names, scores.iou) + "\n").encode())
+            confusion_png(conf.mat.numpy(), target.names, out_dir / "confusion.png",
+                          f"{model_path or prop_dir}: mIoU {100 * scores.miou:.1f}")
+        except NoSpace as e:
+            no_space(e)
         click.echo(f"results: {out_dir / 'results.json'}")
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.cli import HELP, Exit, stop_on_sigterm, threads_option, version
+from boxseg.data.files import output_folder
 from boxseg.threads import configure_threads
 
 
@@ -45,7 +46,12 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
     except DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(Exit.BAD_INPUT)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stop_on_sigterm()
+    try:
+        output_folder(out_dir)
+    except DataError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(Exit.BAD_INPUT)
     stem = (meta["kind"] + ("_5ch" if meta["in_channels"] == 5 else "") + ("_dynsize" if dynamic_size else "")
             + (".fp16" if fp16 else ""))
     failed = False

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.cli import HELP, Exit, no_space, stop_on_sigterm, threads_option, version
 from boxseg.threads import configure_threads
-from boxseg.config import ProposalConfig
-from boxseg.errors import BadInputLog, DataError
+from boxseg.config import ProposalConfig, proposal_problems
+from boxseg.data.files import output_folder
+from boxseg.errors import BadInputLog, DataError, NoSpace
 from boxseg.predict import BACKENDS, default_precision
 from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
 from boxseg.predict.tensorrt import TensorRTMissing
@@ -45,13 +47,17 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
         src = COCOSource(coco_ann, coco_images, skip_bad=skip_bad, log=log)
         return Target(ImageSet(src, SOURCE_CLASSES.num_classes), ["background", *SOURCE_CLASSES.names],
                       SOURCE_CLASSES.coco_ids, {"coco_ann": str(coco_ann), "coco_images": str(coco_images)}, coco_ann)
-    from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+    from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset, find_voc_root
 
     if voc_root is None:
         from boxseg.cli.train import synth_world
 
         voc_root = synth_world("tiny", 0)[2]
     ds = VOCDataset(voc_root, split, skip_bad=skip_bad, log=log)
+    if len(ds) == 0:  # an empty split would be "scored" as mIoU 0.0
+        from boxseg.data.voc import split_list_path
+
+        raise DataError(split_list_path(find_voc_root(voc_root), split), "the split lists no usable image")
     return Target(ImageSet(ds, NUM_VOC_CLASSES), list(VOC_CLASSES), VOC_TARGET_CLASSES.coco_ids,
                   {"voc_root": str(voc_root), "split": split}, None)
 
@@ -72,7 +78,8 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Default: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader workers decoding images.")
 @click.option("--instances", is_flag=True, help="Also write per-box masks (COCO results, RLE) and their mask AP.")
 @click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True,
               help="Foreground probability at or above which a pixel inside a box takes the box's class.")
@@ -101,6 +108,12 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
 
     if batch < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch")
+    problems = proposal_problems(ProposalConfig(threshold=threshold, margin=margin, class_margin=class_margin,
+                                                merge=merge, batch=batch))
+    if problems:
+        raise click.BadParameter("; ".join(problems), param_hint="--threshold/--margin/--class-margin")
+    if not (math.isfinite(box_centre_fraction) and 0 < box_centre_fraction <= 1):
+        raise click.BadParameter(f"must be in (0, 1], not {box_centre_fraction}", param_hint="--box-centre-fraction")
     configure_threads(threads)  # the decode workers run at the lowest priority (boxseg.propose): not counted
     dev = resolve_device(device)
     dist.init_from_env(dev)
@@ -108,7 +121,9 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     precision = precision or default_precision(dev)
     cfg = ProposalConfig(threshold=threshold, margin=margin, class_margin=class_margin, merge=merge, batch=batch)
     log = BadInputLog()
+    stop_on_sigterm()
     try:
+        output_folder(out_dir)
         target = open_target(voc_root, split, coco_ann, coco_images, skip_bad, log)
         if method == "learned":
             if model_path is None:
@@ -130,6 +145,8 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:  # an optional package missing or misinstalled
         click.echo(f"error: {e}", err=True)
         sys.exit(Exit.MISSING_PACKAGE)
+    except NoSpace as e:
+        no_space(e)
     # each rank's part travels to rank 0 through the process group, not through files in --out,
     # so two runs sharing a folder cannot read or delete each other's parts
     parts = dist.gather({"rank": rank, "run": run, "bad_input": log.to_dict()})
@@ -147,7 +164,10 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
         manifest["quality"], bad_truth = _quality(out_dir, target, instances), None
     except DataError as e:  # a bad ground-truth file: the proposals stand, the score does not
         manifest["quality"], bad_truth = {"error": str(e)}, e
-    write_bytes_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
+    try:
+        write_bytes_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
+    except NoSpace as e:
+        no_space(e)
     _report(manifest, out_dir)
     if bad_truth is not None:
         click.echo(f"error: cannot score the proposals: {bad_truth}", err=True)

@@ -9,20 +9,36 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.cli import HELP, Exit, no_space, stop_on_sigterm, threads_option, version
 from boxseg.threads import configure_threads
 import torch
 
-from boxseg.config import TrainConfig, load_yaml, override, preset
-from boxseg.errors import DataError
+from boxseg.config import TrainConfig, config_problems, load_yaml, override, preset
+from boxseg.data.files import output_folder
+from boxseg.errors import DataError, NoSpace
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N; a device this machine does not have is a usage error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N",
+                                 param_hint="--device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available here (no GPU, or a CPU-only torch)", param_hint="--device")
+        if "LOCAL_RANK" in os.environ:
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                     param_hint="--device")
+    elif dev.type != "cpu":
+        raise click.BadParameter(f"device {name!r} is not supported; expected auto, cpu, cuda or cuda:N",
+                                 param_hint="--device")
+    return dev
 
 
 def synth_cache_dir(size: str, seed: int) -> Path:
@@ -58,7 +74,7 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path), help="YAML overlay of any fields.")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Set any config field, e.g. --set segnet1.iters=500.")
 @click.option("--setting", type=click.Choice(["weak", "semi", "full"]), help="Supervision on the target.")
-@click.option("--rounds", type=int, help="Alternating rounds (default 3).")
+@click.option("--rounds", type=click.IntRange(min=0), help="Alternating rounds (default 3; 0: the baselines only).")
 @click.option("--voc-root", type=click.Path(path_type=Path), help="VOC2012 folder (target). Omit for the synthetic world.")
 @click.option("--coco-ann", type=click.Path(path_type=Path), help="COCO instances JSON (source).")
 @click.option("--coco-images", type=click.Path(path_type=Path), help="COCO image folder (source).")
@@ -69,8 +85,10 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue the run in --out (complete stages are reused, a stage resumes from last.pt).")
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad inputs instead of stopping.")
+@click.option("--overwrite", is_flag=True,
+              help="Start --out afresh: delete the config, stages, proposals and results an earlier run left there.")
 @click.option("--deterministic", is_flag=True, help="torch deterministic algorithms (bitwise reproducible on CPU).")
-@click.option("--workers", type=int, help="DataLoader worker processes (config workers).")
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes (config workers).")
 @click.option("--seed", type=int, help="Seed of every stage (config seed; stage seeds derive from it).")
 @click.option("--infer-backend", type=click.Choice(["torch", "compile"]),
               help="Predictor for the proposals and val scores between rounds (config infer_backend; default torch).")
@@ -78,10 +96,10 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
               help="Their precision (config infer_precision; default auto: fp16 on CUDA, fp32 on CPU, as boxseg-propose).")
 @threads_option
 def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, coco_images, semi_list, semi_fraction,
-         device, run_dir, resume, skip_bad, deterministic, workers, seed, infer_backend, infer_precision, threads) -> None:
+         device, run_dir, resume, skip_bad, overwrite, deterministic, workers, seed, infer_backend, infer_precision,
+         threads) -> None:
     """Train SegNet2 and SegNet1 in alternating rounds, plus the baselines, and print the table."""
     from boxseg.train import dist
-    from boxseg.train.alternate import Scheme, open_datasets, prepare_run, results_table
 
     real = voc_root is not None
     if real and (coco_ann is None or coco_images is None):
@@ -113,12 +131,25 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
             cfg = override(cfg, k.strip(), v)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise click.UsageError(f"{run_dir} is not empty; pass --resume or choose another --out")
+    stop_on_sigterm()
+    try:
+        output_folder(run_dir)
+    except DataError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(Exit.BAD_INPUT)
+    if overwrite and run_dir.is_dir():  # start the folder afresh: what an earlier run of boxseg-train wrote goes
+        import shutil
 
-    if cfg.amp not in ("none", "bf16"):  # fp16 would need loss scaling (a GradScaler) to train safely
-        raise click.BadParameter(f"amp must be none or bf16, not {cfg.amp!r} (fp16 training without loss scaling "
-                                 f"underflows gradients; bf16 has fp32's range)", param_hint="--set amp")
+        for name in ("config.yaml", "results.json", "stages", "proposals"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise click.UsageError(f"{run_dir} is not empty; pass --resume, --overwrite to start it afresh, "
+                               f"or choose another --out")
+
+    problems = config_problems(cfg)  # before anything is written: a bad value must not leave a run folder behind
+    if problems:
+        raise click.BadParameter("; ".join(problems), param_hint="the config (--set, --config or a flag)")
     configure_threads(threads, cfg.workers)
     dev = resolve_device(cfg.device)
     dist.init_from_env(dev)
@@ -131,14 +162,26 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
             dist.shutdown()
             raise click.BadParameter(f"{field}={b} is the global batch and does not divide among {world} processes",
                                      param_hint="--set")
+    lock = None
     if dist.is_main():  # one trainer per run folder: a second one would interleave its checkpoints
         from boxseg.data.files import lock_folder
 
         try:
-            lock = lock_folder(run_dir, "boxseg-train")  # noqa: F841  (held until the process ends)
+            lock = lock_folder(run_dir, "boxseg-train")
         except DataError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(Exit.BAD_INPUT)
+    try:
+        _train(cfg, run_dir, dev)
+    finally:  # released however the run ends (the OS would at exit; a caller in the same process needs it now)
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, dev: torch.device) -> None:
+    from boxseg.train import dist
+    from boxseg.train.alternate import Scheme, open_datasets, prepare_run, results_table
+
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg.data.voc_root is None:
@@ -165,6 +208,8 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     except TrainingDiverged as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(Exit.DIVERGED)
+    except NoSpace as e:
+        no_space(e)
     except DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(Exit.BAD_INPUT)

@@ -51,16 +51,38 @@ def load_json(path: Path) -> dict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(path, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise DataError(path, "malformed JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise DataError(path, "top level is not a JSON object")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(path, f"missing or non-list '{key}'")
+        for k, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise DataError(path, f"{key}[{k}] is a {type(entry).__name__}, not an object: {entry!r:.60}")
+    for k, img in enumerate(data["images"]):
+        if not _whole(img.get("id")):
+            raise DataError(path, f"images[{k}] has id {img.get('id')!r:.40}; expected an integer")
+        for dim in ("height", "width"):
+            if not (_whole(img.get(dim)) and 1 <= img[dim] <= 1_000_000):
+                raise DataError(path, f"image {img['id']} has {dim} {img.get(dim)!r:.40}; expected a positive integer")
+    for k, ann in enumerate(data["annotations"]):
+        if not _whole(ann.get("image_id")):
+            raise DataError(path, f"annotations[{k}] (id {ann.get('id')!r:.20}) has image_id {ann.get('image_id')!r:.40}; "
+                                  f"expected an integer")
     return data
 
 
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number of a sane size (an integer like 10**400 overflows a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) < 1e12 if isinstance(v, int) else math.isfinite(v) and abs(v) < 1e12
 
 
 def rle_counts(counts: str) -> list[int]:

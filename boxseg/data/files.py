@@ -4,6 +4,7 @@ with a clear error, label PNGs checked, outputs written atomically."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import tempfile
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from boxseg.data.classes import IGNORE, voc_palette
-from boxseg.errors import DataError
+from boxseg.errors import DataError, NoSpace
 from boxseg.faults import failpoint
 
 
@@ -24,6 +25,8 @@ def resolve_inside(root: Path, relative: str, source: str | Path) -> Path:
     `source` names the file the path came from (a split list, a COCO JSON) for the error.
     Symlinks are resolved before the check, so a link pointing outside is refused too.
     """
+    if "\0" in relative:
+        raise DataError(source, f"path {relative[:80]!r} holds a NUL byte")
     if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
         raise DataError(source, f"path {relative!r} is absolute or empty; expected a path inside {root}")
     root_real = Path(os.path.realpath(root))
@@ -31,6 +34,23 @@ def resolve_inside(root: Path, relative: str, source: str | Path) -> Path:
     if candidate != root_real and root_real not in candidate.parents:
         raise DataError(source, f"path {relative!r} escapes the dataset root {root}")
     return candidate
+
+
+def max_pixels() -> int:
+    """The largest image boxseg decodes, in pixels: $BOXSEG_MAX_PIXELS, default 40 million
+    (6,300 x 6,300; VOC and COCO images are under 0.5 million). Checked from the header,
+    before any pixel is decoded."""
+    try:
+        return int(os.environ.get("BOXSEG_MAX_PIXELS", 40_000_000))
+    except ValueError:
+        return 40_000_000
+
+
+def check_pixels(img: Image.Image, path: Path) -> None:
+    w, h = img.size
+    if w * h > max_pixels():
+        raise DataError(path, f"refused as a decompression bomb or an oversized image: {w}x{h} = {w * h:,} pixels, "
+                              f"over the limit of {max_pixels():,} (BOXSEG_MAX_PIXELS)")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -45,6 +65,7 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(path, "image file is empty (0 bytes)")
     try:
         with Image.open(path) as img:
+            check_pixels(img, path)
             img.load()
             return image_to_rgb(img, path)
     except DataError:
@@ -76,12 +97,15 @@ def read_label(path: Path, num_classes: int, expected_hw: tuple[int, int] | None
         raise DataError(path, "label file is missing")
     try:
         with Image.open(path) as img:
+            check_pixels(img, path)
             img.load()
             if img.mode not in ("P", "L"):
                 raise DataError(path, f"label PNG is in mode {img.mode}; expected palette (P) or greyscale (L) indices")
             label = np.asarray(img, dtype=np.uint8).copy()
     except DataError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DataError(path, f"refused as a decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"cannot decode label PNG: {e}") from None
     values = np.unique(label)
@@ -98,7 +122,11 @@ def read_list(path: Path) -> list[str]:
     """Read an ImageSets-style list: one id per line; blank lines ignored; duplicates are an error."""
     if not path.is_file():
         raise DataError(path, "split list is missing")
-    ids = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first id
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"split list is not UTF-8 text: {e}") from None
+    ids = [line.strip().split()[0] for line in text.splitlines() if line.strip()]
     seen: set[str] = set()
     dups = sorted({i for i in ids if i in seen or seen.add(i)})
     if dups:
@@ -134,6 +162,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise NoSpace(path) from None
+        raise
+    except RuntimeError:  # torch.save reports a full disk as "unexpected pos" (a RuntimeError)
+        if _disk_full(path.parent):
+            raise NoSpace(path) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -171,6 +207,30 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _disk_full(folder: Path) -> bool:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def output_folder(path: Path) -> Path:
+    """Make `path` an output folder or say why it cannot be one (a file, not creatable, not
+    writable)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(path, "--out names a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(path, f"cannot create the output folder: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(path, "the output folder is not writable")
+    return path
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -14,6 +14,7 @@ an exclusive end, as floats: x0 = xmin - 1, y0 = ymin - 1, x1 = xmax, y1 = ymax.
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,19 @@ def _int_field(elem: ET.Element | None, tag: str, path: Path) -> float:
     if node is None or node.text is None:
         raise DataError(path, f"missing <{tag}>")
     try:
-        return float(node.text.strip())
+        v = float(node.text.strip())
     except ValueError:
-        raise DataError(path, f"<{tag}> is not a number: {node.text!r}") from None
+        raise DataError(path, f"<{tag}> is not a number: {node.text.strip()[:40]!r}") from None
+    if not math.isfinite(v):
+        raise DataError(path, f"<{tag}> is not a finite number: {node.text.strip()[:40]!r}")
+    return v
+
+
+def _size_field(elem: ET.Element, tag: str, path: Path) -> int:
+    v = _int_field(elem, tag, path)
+    if v != int(v) or not 1 <= v <= 1_000_000:
+        raise DataError(path, f"<size><{tag}> must be a positive whole number of pixels, not {v:g}")
+    return int(v)
 
 
 def parse_annotation(path: Path) -> BoxAnnotation:
@@ -89,7 +100,7 @@ def parse_annotation(path: Path) -> BoxAnnotation:
     size = None
     size_el = rootel.find("size")
     if size_el is not None:
-        size = (int(_int_field(size_el, "height", path)), int(_int_field(size_el, "width", path)))
+        size = (_size_field(size_el, "height", path), _size_field(size_el, "width", path))
     boxes, labels, difficult, truncated = [], [], [], []
     for obj in rootel.findall("object"):
         name_el = obj.find("name")

@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from boxseg.faults import failpoint
-from boxseg.train import dist
 from boxseg.models.checkpoint import load_state_file, save_checkpoint
+from boxseg.train import dist
+from boxseg.workers import foreground_worker
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,7 +113,7 @@ def run_stage(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optim
     rank, world = dist.rank_world()
     loader = DataLoader(dataset, batch_size=stage.batch // world, num_workers=stage.workers,
                         sampler=KeySampler(start, stage.iters, stage.batch, rank, world),
-                        persistent_workers=False, pin_memory=device.type == "cuda")
+                        persistent_workers=False, pin_memory=device.type == "cuda", worker_init_fn=foreground_worker)
     metrics_path = stage.dir / "metrics.csv"
     rows = _read_rows(metrics_path, upto=start)
     from tqdm import tqdm

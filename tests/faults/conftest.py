@@ -24,7 +24,8 @@ from PIL import Image
 from boxseg.faults import ENV as FAILPOINT_ENV
 
 KINDS = {"test_kills": "kills", "test_bad_data": "bad data", "test_hostile": "hostile files",
-         "test_numeric": "numerical faults", "test_concurrency": "concurrency", "test_silent": "silent wrong results"}
+         "test_numeric": "numerical faults", "test_concurrency": "concurrency", "test_silent": "silent wrong results",
+         "test_malformed": "malformed input", "test_limits": "limits and leftovers"}
 _tally: dict[str, dict[str, int]] = defaultdict(lambda: {"tried": 0, "handled": 0})
 
 
