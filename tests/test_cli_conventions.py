@@ -45,3 +45,10 @@ def test_the_torch_floor_fixes_the_known_weights_only_bypasses():
     text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     major, minor = map(int, re.search(r'"torch>=(\d+)\.(\d+)"', text).groups())
     assert (major, minor) >= (2, 10)  # CVE-2025-32434 (fixed in 2.6), CVE-2026-24747 (fixed in 2.10)
+
+
+def test_every_option_has_help_text():
+    """--threshold, --class-margin, --box-centre-fraction and eval's --skip-bad had none."""
+    missing = [f"{name} {p.opts[0]}" for name, cmd in COMMANDS.items() for c in [cmd, *getattr(cmd, "commands", {}).values()]
+               for p in c.params if p.param_type_name == "option" and not p.help and p.opts[0] not in ("--help",)]
+    assert not missing, missing

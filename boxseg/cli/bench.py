@@ -46,10 +46,11 @@ def _model(spec: str, preset: str, size: int | None):
                    "torch,torch-cl,onnxruntime; with --e2e: torch.")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @click.option("--precision", "precisions", default="fp32", show_default=True, help="Comma list of fp32, fp16, bf16.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--iters", type=int, default=10, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs first.")
+@click.option("--iters", type=int, default=10, show_default=True, help="Timed runs.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True,
+              help="Folder for TAG.jsonl, TAG.md and TAG.png.")
 @click.option("--tag", default=None, help="File name stem for the results (default: model_device).")
 @click.option("--e2e", is_flag=True, help="SegNet2 only: boxseg-propose's whole pipeline against the model alone, "
               "in (image, class) pairs/s, on --voc-root's train split (default: the synthetic world).")

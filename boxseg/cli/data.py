@@ -22,7 +22,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the world into.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="The world is a function of the seed.")
 @click.option("--size", "size_name", default="tiny", show_default=True,
               help="tiny (CPU demo), small, medium or large (VOC-sized, for GPU runs).")
 @click.option("--n-source", type=int, help="Override the number of COCO source images.")

@@ -38,13 +38,13 @@ def iou_table(names: list[str], iou: list) -> str:
 @click.option("--scales", default="1", show_default=True, help="Comma list of test scales, averaged (e.g. 0.75,1,1.25).")
 @click.option("--crf", is_flag=True, help="Refine with boxseg's dense CRF (DeepLab's kernels in an 11x11 window, "
               "10 mean-field iterations; boxseg.crf).")
-@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--batch", type=int, default=16, show_default=True, help="Images per batch.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Default: fp16 on CUDA, fp32 on CPU (as boxseg-propose).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). A checkpoint "
                    "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable images and labels instead of stopping.")
 @threads_option

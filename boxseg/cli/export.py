@@ -16,13 +16,15 @@ from boxseg.threads import configure_threads
 @version("boxseg-export")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), required=True,
               help="A SegNet1 or SegNet2 checkpoint (stages/<stage>/final.pt).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder for the artifacts and their metadata files.")
 @click.option("--onnx", "do_onnx", is_flag=True, help="ONNX (the default when no format is named).")
 @click.option("--fp16", is_flag=True, help="Half precision (ONNX graph in fp16; TensorRT FP16; AOTI fp16).")
-@click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
+              help="ONNX: a dynamic batch axis (TensorRT needs it for its profile).")
 @click.option("--dynamic-size", is_flag=True,
               help="ONNX: dynamic height/width too (for a SegNet1 that feeds boxseg-propose's score-map channel).")
-@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18).")
 @click.option("--trt", "do_trt", is_flag=True, help="A TensorRT engine built from the ONNX file (needs tensorrt and a GPU).")
 @click.option("--aoti", "do_aoti", is_flag=True, help="An AOTInductor package (.pt2) for --device.")
 @click.option("--batch", type=int, default=64, show_default=True,

@@ -68,7 +68,8 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="SegNet2: a checkpoint (stages/segnet2_rN/final.pt) or an exported artifact (.onnx, .pt2, .engine).")
 @click.option("--segnet1", "segnet1_path", type=click.Path(path_type=Path),
               help="SegNet1 for the score-map channel (needed by a 5-channel SegNet2, round >= 2).")
-@click.option("--method", type=click.Choice(METHODS), default="learned", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="learned", show_default=True,
+              help="learned: SegNet2 (--model); box, box-centre, grabcut: the baselines through the same writer.")
 @click.option("--voc-root", type=click.Path(path_type=Path), help="VOC2012 folder. Omit both data options for the synthetic world.")
 @click.option("--split", default="train", show_default=True, help="VOC split list (ImageSets/Segmentation).")
 @click.option("--coco-ann", type=click.Path(path_type=Path), help="A COCO instances JSON instead of VOC.")

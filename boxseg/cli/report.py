@@ -19,7 +19,7 @@ from boxseg.threads import configure_threads
               help="boxseg-bench results: a folder (every .md and .png in it) or a results file; repeatable.")
 @click.option("--images", "n_images", type=int, default=8, show_default=True, help="Gallery rows.")
 @click.option("--voc-root", type=click.Path(path_type=Path), help="The run's VOC tree (default: from its config.yaml).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--screenshot", type=click.Path(path_type=Path),
               help="Also render the page in headless Chromium and save a PNG of it (needs chromium).")
 @click.option("--screenshot-height", type=int, default=None, help="Only the top H pixels (default: the whole page).")

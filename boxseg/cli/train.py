@@ -81,7 +81,8 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
 @click.option("--semi-list", type=click.Path(exists=True), help="semi: file of target ids that keep their masks.")
 @click.option("--semi-fraction", type=float, help="semi: fraction of target train images that keep their masks.")
 @click.option("--device", help="auto, cpu or cuda.")
-@click.option("--out", "run_dir", type=click.Path(path_type=Path), default=Path("runs/default"), show_default=True)
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), default=Path("runs/default"), show_default=True,
+              help="The run folder (config, stages, proposals, results).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue the run in --out (complete stages are reused, a stage resumes from last.pt).")
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad inputs instead of stopping.")
