@@ -25,8 +25,8 @@ def test_default_run_learned_proposals_beat_the_baselines_and_improve_each_round
     # the learned proposals of every round beat box-filled and GrabCut, and no round loses ground
     for p in props:
         assert p > base["grabcut"]["proposal_miou"] > base["box"]["proposal_miou"]
-    # rounds do not lose ground: round 2 sat 0.03 below round 1 on one machine and 0.3 above it on
-    # another (CPU kernels round differently), so a step may dip by 0.1 point; the last beats the first
+    # rounds do not lose ground: round 2 sat 0.03 below round 1 in one run and 0.3 above it in another
+    # (other machine, other CPU memory format), so a step may dip by 0.1 point; the last beats the first
     assert all(b >= a - 0.001 for a, b in zip(props, props[1:])) and props[-1] > props[0], props
     # the box-supervised SegNet1 against full supervision and the box-filled baseline
     assert res["ratio_learned_full"] >= 0.95
