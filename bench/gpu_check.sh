@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement and GPU test of boxseg in one call on a machine with one NVIDIA GPU,
-# inside a budget (default 470 s), written to one folder and packed into one tarball.
+# inside a budget (default 500 s), written to one folder and packed into one tarball.
 #
 #   On the lent GPU machine (device tool), with the pycocotools wheel in .whl (README, "GPU check"):
 #     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -9,19 +9,23 @@
 #
 # Steps, most important first; each has a time limit and the whole run a budget, so the
 # tarball is always written; steps.txt says how each ended (rc 124 = its limit).
-#   tests      pytest -m gpu (fp16 vs fp32 labels per backend, propose CUDA vs CPU)
-#   headline   SegNet1 (paper @321), batch 64, fp16: every backend, compile in max-autotune
-#   e2e        boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
-#              fp16, 1,000 medium synthetic images (issue 15), torch and compile Predictors
-#   tables     both networks, every backend, batch 1 and 64, fp16 and fp32 (compile in
-#              reduce-overhead mode here, to fit the budget; the headline has max-autotune)
-#   aoti_tiny  the AOTInductor export of the tiny SegNet1 under faulthandler, phases timed
+#   tests           pytest -m gpu (fp16 vs fp32 labels per backend, propose CUDA vs CPU)
+#   head_eager      SegNet1 (paper @321), batch 64, fp16: eager torch, channels_last and contiguous
+#   head_compile    the same through the compile Predictor (max-autotune, CUDA graphs)
+#   data, e2e       boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
+#                   fp16, 1,000 medium synthetic images (issue 15), torch and compile Predictors
+#   head_aoti       the headline cell through an AOTInductor package (max-autotune)
+#   tables          both networks, eager/onnxruntime/tensorrt, batch 1 and 64, fp16 and fp32
+#   tables_compile  both networks through compile (reduce-overhead) and aoti, batch 1 and 64
+#   aoti_tiny       the AOTInductor export of the tiny SegNet1 under faulthandler, phases timed
+# Each step writes its own results, so a step cut by its limit loses only itself.
+# GPU_CHECK_ONLY="head_aoti tables" runs only the named steps (a second call for the rest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${OUT:-}" ]; then DEST=$OUT; R=/tmp/gpu_check; else DEST=${1:-bench/results}; R=$DEST/gpu_check_$(date +%Y%m%d); fi
 rm -rf "$R"; mkdir -p "$R" "$DEST"
-START=$(date +%s); BUDGET=${GPU_CHECK_BUDGET:-470}
+START=$(date +%s); BUDGET=${GPU_CHECK_BUDGET:-500}
 PY=${PYTHON:-python3}
 
 pack() { tar czf "$DEST/gpu_check.tgz" -C "$(dirname "$R")" "$(basename "$R")"; echo "results: $DEST/gpu_check.tgz"; }
@@ -29,6 +33,7 @@ trap pack EXIT
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run within the budget, log to NAME.log
     local name=$1 limit=$2; shift 2
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
     local left=$(( BUDGET - ($(date +%s) - START) ))
     if (( left < 30 )); then echo "$name: not run (budget spent)" | tee -a "$R/steps.txt"; return; fi
     (( limit > left )) && limit=$left
@@ -52,15 +57,20 @@ export BOXSEG_CACHE=/tmp/boxseg_cache
 B="$PY -m boxseg.cli.bench --device cuda --out $R"
 
 step tests 150 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rs
-step headline 150 $B --model segnet1 --preset paper --backends torch,torch-nchw,compile,aoti,onnxruntime,tensorrt \
-    --batch 64 --precision fp16 --warmup 5 --iters 30 --tag segnet1_321_headline
-step data 60 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 8 --n-source 8 --workers 12
+H="--model segnet1 --preset paper --batch 64 --precision fp16 --warmup 5 --iters 30"
+step head_eager 45 $B $H --backends torch,torch-cl,torch-nchw --tag segnet1_321_head_eager
+step head_compile 120 $B $H --backends compile --tag segnet1_321_head_compile
+step data 45 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 8 --n-source 8 --workers 12
 step e2e 120 $B --model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --backends torch,compile \
     --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10 --tag segnet2_512_e2e
-step tables_segnet1 90 $B --model segnet1 --preset paper --backends torch,torch-cl,torch-nchw,compile,aoti,onnxruntime,tensorrt \
-    --batch 1,64 --precision fp16,fp32 --compile-mode reduce-overhead --warmup 3 --iters 10 --tag segnet1_321_table
-step tables_segnet2 90 $B --model segnet2 --preset paper --backends torch,torch-cl,torch-nchw,compile,aoti,onnxruntime,tensorrt \
-    --batch 1,64 --precision fp16,fp32 --compile-mode reduce-overhead --warmup 3 --iters 10 --tag segnet2_512_table
+step head_aoti 150 $B $H --backends aoti --tag segnet1_321_head_aoti
+T="--batch 1,64 --precision fp16,fp32 --warmup 3 --iters 10"
+step tables 90 bash -c "$B --model segnet1 --preset paper $T --backends torch,torch-cl,torch-nchw,onnxruntime,tensorrt \
+    --tag segnet1_321_table && $B --model segnet2 --preset paper $T --backends torch,torch-cl,torch-nchw,onnxruntime,tensorrt \
+    --tag segnet2_512_table"
+step tables_compile 150 bash -c "$B --model segnet1 --preset paper $T --backends compile,aoti --compile-mode reduce-overhead \
+    --tag segnet1_321_table_compiled && $B --model segnet2 --preset paper $T --backends compile,aoti \
+    --compile-mode reduce-overhead --tag segnet2_512_table_compiled"
 step aoti_tiny 60 $PY -c "
 import torch, time
 from boxseg.config import preset
