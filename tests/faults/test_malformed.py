@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from faults.test_bad_data import (_bomb_png, _check, _coco_edit, _edit_xml, _first_ann, _png, _propose, _run_case,
+from faults.test_bad_data import (_bomb_png, _check, _coco_edit, _first_ann, _png, _propose, _run_case,
                                   _split, _xml)
 
 
