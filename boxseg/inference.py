@@ -14,7 +14,7 @@ from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import NonFiniteOutput
 from boxseg.metrics import ConfusionMatrix, SegScores
-from boxseg.predict import Predictor, torch_predictor
+from boxseg.predict import Predictor, as_predictor
 from boxseg.predict.image import letterbox, letterbox_params, normalize, probabilities
 
 if TYPE_CHECKING:
@@ -26,14 +26,6 @@ def _chunks(n: int, size: int) -> Iterator[range]:
         yield range(s, min(n, s + size))
 
 
-def as_segnet1_predictor(model, test_size: int, device: torch.device, precision: str = "fp32",
-                         batch: int = 16) -> Predictor:
-    """Consumers take Predictors; a torch module gets the eager one."""
-    if isinstance(model, Predictor):
-        return model
-    return torch_predictor(model, {"kind": "segnet1", "input_size": test_size}, device, precision, "torch", batch)
-
-
 @torch.no_grad()
 def segnet1_probs(model: Predictor, images: list[np.ndarray], test_size: int, device: torch.device,
                   scales: tuple[float, ...] = (1.0,), flip: bool = False) -> list[torch.Tensor]:
@@ -42,7 +34,7 @@ def segnet1_probs(model: Predictor, images: list[np.ndarray], test_size: int, de
     only if larger); the probabilities are mapped back to the image and averaged."""
     from boxseg.data.transforms import resize
 
-    model = as_segnet1_predictor(model, test_size, device)
+    model = as_predictor(model, "segnet1", test_size, device)
     sums: list[torch.Tensor | None] = [None] * len(images)
     for s in scales:
         for mirrored in ((False, True) if flip else (False,)):
@@ -74,7 +66,7 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
 
     from boxseg.crf import dense_crf
 
-    model = as_segnet1_predictor(model, test_size, device, batch=batch)
+    model = as_predictor(model, "segnet1", test_size, device, batch=batch)
 
     conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
     bad: list[str] = []

@@ -45,7 +45,7 @@ from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint
 from boxseg.workers import background_worker, foreground_worker, lower_priority
-from boxseg.predict import Predictor, torch_predictor
+from boxseg.predict import as_predictor
 from boxseg.predict.image import Letterbox, letterbox, letterbox_params, unletterbox
 from boxseg.proposals import merge_foreground_torch, range_masks
 from boxseg.train.segnet2 import segnet2_inputs
@@ -150,15 +150,6 @@ class _Image:
     finite: dict[int, torch.Tensor] = field(default_factory=dict)  # class -> bool: the whole map is finite
 
 
-def _as_predictor(model, kind: str, size: int, device: torch.device, precision: str, batch: int) -> Predictor | None:
-    """Consumers take Predictors; a torch module (a test's, a caller's) gets the eager one."""
-    if model is None or isinstance(model, Predictor):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return torch_predictor(model, {"kind": kind, "input_size": size}, device, precision, "torch", batch)
-    raise TypeError(f"expected a Predictor or a torch module, not {type(model).__name__}")
-
-
 @torch.no_grad()
 def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: ProposalConfig,
             device: torch.device, precision: str = "fp32", workers: int = 0, instances: bool = False,
@@ -172,8 +163,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     from tqdm import tqdm
 
     device = torch.device(device)
-    segnet2 = _as_predictor(segnet2, "segnet2", size, device, precision, cfg.batch)
-    segnet1 = _as_predictor(segnet1, "segnet1", size, device, precision, cfg.batch)
+    segnet2 = as_predictor(segnet2, "segnet2", size, device, precision, cfg.batch)
+    segnet1 = as_predictor(segnet1, "segnet1", size, device, precision, cfg.batch)
     log = log if log is not None else BadInputLog()
     out_dir.mkdir(parents=True, exist_ok=True)
     if instances:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from boxseg.data.files import write_bytes_atomic
@@ -64,7 +63,3 @@ def export_parity(ref: torch.Tensor, out: torch.Tensor, kind: str, precision: st
     p = parity(ref, out, kind)
     p.update({"checked_on": checked_on, "batch": batch, "inputs": "random (seeded)", "passed": parity_ok(p, precision)})
     return p
-
-
-def to_numpy(x: torch.Tensor, dtype) -> np.ndarray:
-    return x.detach().cpu().numpy().astype(dtype, copy=False)

@@ -15,6 +15,7 @@ class AotiPredictor(Predictor):
     (boxseg-export's default) gets inputs padded or split to that batch."""
 
     backend = "aoti"
+    reuses_outputs = True  # not promised otherwise by the package API: copied before the next run
 
     def __init__(self, path: Path, meta: dict, device: torch.device, precision: str, batch: int = 64):
         super().__init__(meta, device, precision, batch)

@@ -67,6 +67,7 @@ class Predictor:
     """
 
     backend: str = "?"
+    reuses_outputs: bool = False  # True where the next run overwrites this run's output (CUDA graphs)
 
     def __init__(self, meta: dict, device: torch.device, precision: str, batch: int = 64):
         self.meta, self.device, self.precision = meta, torch.device(device), precision
@@ -101,9 +102,11 @@ class Predictor:
             b = self.padded_size(n)
             if b > n:
                 part = torch.cat([part, part.new_zeros((b - n, *part.shape[1:]))])
-            y = self.run(part)[:n]
-            # always a copy: a CUDA-graph output is overwritten by the next replay
-            outs.append(y.clone() if y.dtype == torch.float32 else y.float())
+            out = self.run(part)[:n]
+            y = out.float()  # a new tensor unless the output is float32 already
+            if self.reuses_outputs and y.data_ptr() == out.data_ptr():
+                y = y.clone()  # the next CUDA-graph replay overwrites the backend's own buffer
+            outs.append(y)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def describe(self) -> dict:

@@ -61,6 +61,17 @@ def torch_predictor(model: torch.nn.Module, meta: dict, device: torch.device | s
     return cls(model, meta, torch.device(device), precision, batch)
 
 
+def as_predictor(model, kind: str, input_size: int, device: torch.device | str, precision: str = "fp32",
+                 batch: int = 64) -> Predictor | None:
+    """Consumers take Predictors: a Predictor (or None) passes through, a torch module (a
+    test's, a caller's) gets the eager one."""
+    if model is None or isinstance(model, Predictor):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return torch_predictor(model, {"kind": kind, "input_size": input_size}, device, precision, "torch", batch)
+    raise TypeError(f"expected a Predictor or a torch module, not {type(model).__name__}")
+
+
 def load_predictor(artifact: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
                    backend: str | None = None, expect_kind: str | None = None, batch: int = 64) -> Predictor:
     """The Predictor for a checkpoint or exported artifact. `backend` None takes the file's

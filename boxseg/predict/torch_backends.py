@@ -50,6 +50,7 @@ class CompiledPredictor(TorchPredictor):
         self.mode = mode
         self.compiled = torch.compile(self.model, mode=mode, dynamic=False, fullgraph=True)
         self.settings["compile_mode"] = mode or "default"
+        self.reuses_outputs = self.device.type == "cuda"  # CUDA graphs replay into the same output
         self.max_batch = self.batch
 
     def padded_size(self, n: int) -> int:
