@@ -52,3 +52,10 @@ def test_every_option_has_help_text():
     missing = [f"{name} {p.opts[0]}" for name, cmd in COMMANDS.items() for c in [cmd, *getattr(cmd, "commands", {}).values()]
                for p in c.params if p.param_type_name == "option" and not p.help and p.opts[0] not in ("--help",)]
     assert not missing, missing
+
+
+def test_bf16_with_an_exported_backend_is_a_usage_error(tmp_path):
+    for cmd in (propose.main, eval.main):
+        r = CliRunner().invoke(cmd, ["--backend", "onnxruntime", "--precision", "bf16", "--device", "cpu",
+                                     "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and "runs fp32 or fp16 artifacts, not bf16" in r.output, r.output

@@ -2,6 +2,9 @@
 
 Every command takes -h as well as --help, and --version."""
 
+import contextlib
+import sys
+
 import click
 
 from boxseg import __version__
@@ -47,8 +50,40 @@ def stop_on_sigterm() -> None:
 
 def no_space(e: OSError) -> None:
     """Report a full disk and exit (Exit.NO_SPACE)."""
-    import sys
-
     click.echo(f"error: {e.strerror}; what was written is whole, and the same command resumes once there is room",
                err=True)
     sys.exit(Exit.NO_SPACE)
+
+
+def fail(e: BaseException, status: int) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(status)
+
+
+@contextlib.contextmanager
+def exit_on_errors():
+    """The failures every command reports the same way: one line naming the file or the
+    package, and its exit status (bad input 3, a missing or misinstalled optional package 6,
+    a failed AOTInductor build 8, a full disk 10)."""
+    from boxseg.errors import DataError, NoSpace
+    from boxseg.export.aoti import AotiExportError
+    from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
+    from boxseg.predict.tensorrt import TensorRTMissing
+
+    try:
+        yield
+    except DataError as e:
+        fail(e, Exit.BAD_INPUT)
+    except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:
+        fail(e, Exit.MISSING_PACKAGE)
+    except AotiExportError as e:
+        fail(e, Exit.EXPORT_FAILED)
+    except NoSpace as e:
+        no_space(e)
+
+
+def check_backend_precision(backend: str | None, precision: str) -> None:
+    """Exported artifacts are fp32 or fp16: bf16 runs with the torch and compile backends."""
+    if backend in ("onnxruntime", "aoti", "tensorrt") and precision == "bf16":
+        raise click.BadParameter(f"backend {backend} runs fp32 or fp16 artifacts, not bf16 (bf16: torch or compile)",
+                                 param_hint="--precision")

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, no_space, stop_on_sigterm, threads_option, version
+from boxseg.cli import (HELP, Exit, check_backend_precision, exit_on_errors, no_space, stop_on_sigterm,
+                        threads_option, version)
 from boxseg.data.files import output_folder
-from boxseg.threads import configure_threads
 from boxseg.predict import BACKENDS, default_precision
-from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
-from boxseg.predict.tensorrt import TensorRTMissing
 from boxseg.report.plots import confusion_png
+from boxseg.threads import configure_threads
 
 
 def iou_table(names: list[str], iou: list) -> str:
@@ -76,41 +75,35 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
     log = BadInputLog()
     t0 = time.perf_counter()
     stop_on_sigterm()
+    check_backend_precision(backend, precision)
     try:
-        if out_dir is not None:
-            output_folder(out_dir)
-        target = open_target(voc_root, split, None, None, skip_bad, log)
-        conf = ConfusionMatrix(target.images.num_classes)
-        res: dict = {"split": split, "data": target.describe}
-        if model_path is not None:
-            from boxseg.inference import evaluate_segnet1
-            from boxseg.export.artifacts import open_predictor
+        with exit_on_errors():
+            if out_dir is not None:
+                output_folder(out_dir)
+            target = open_target(voc_root, split, None, None, skip_bad, log)
+            conf = ConfusionMatrix(target.images.num_classes)
+            res: dict = {"split": split, "data": target.describe}
+            if model_path is not None:
+                from boxseg.inference import evaluate_segnet1
+                from boxseg.export.artifacts import open_predictor
 
-            pred = open_predictor(model_path, dev, precision, backend, "segnet1", batch,
-                                  log=lambda s: click.echo(s, err=True))
-            if pred.meta["num_classes"] != target.images.num_classes:
-                raise DataError(model_path, f"predicts {pred.meta['num_classes']} classes; the split has "
-                                            f"{target.images.num_classes}")
-            from boxseg.crf import CRFParams
+                pred = open_predictor(model_path, dev, precision, backend, "segnet1", batch,
+                                      log=lambda s: click.echo(s, err=True))
+                if pred.meta["num_classes"] != target.images.num_classes:
+                    raise DataError(model_path, f"predicts {pred.meta['num_classes']} classes; the split has "
+                                                f"{target.images.num_classes}")
+                from boxseg.crf import CRFParams
 
-            crf_params = CRFParams() if crf else None
-            scores = evaluate_segnet1(pred, target.images, pred.meta["input_size"], dev, batch, scale_list, flip,
-                                      progress=sys.stderr.isatty(), conf=conf, crf=crf_params)
-            res.update({"model": str(model_path), "predictor": pred.describe(), "scales": list(scale_list), "flip": flip,
-                        "crf": dataclasses.asdict(crf_params) if crf_params else None})
-        else:
-            from boxseg.inference import score_label_dir
+                crf_params = CRFParams() if crf else None
+                scores = evaluate_segnet1(pred, target.images, pred.meta["input_size"], dev, batch, scale_list, flip,
+                                          progress=sys.stderr.isatty(), conf=conf, crf=crf_params)
+                res.update({"model": str(model_path), "predictor": pred.describe(), "scales": list(scale_list), "flip": flip,
+                            "crf": dataclasses.asdict(crf_params) if crf_params else None})
+            else:
+                from boxseg.inference import score_label_dir
 
-            scores, coverage = score_label_dir(prop_dir, target.images, conf=conf)
-            res.update({"proposals": str(prop_dir), "coverage": coverage})
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
-    except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:  # an optional package missing or misinstalled
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.MISSING_PACKAGE)
-    except NoSpace as e:
-        no_space(e)
+                scores, coverage = score_label_dir(prop_dir, target.images, conf=conf)
+                res.update({"proposals": str(prop_dir), "coverage": coverage})
     except NonFiniteOutput as e:
         click.echo(f"error: {model_path}: {e}", err=True)
         sys.exit(Exit.NON_FINITE)

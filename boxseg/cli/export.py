@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, stop_on_sigterm, threads_option, version
+from boxseg.cli import HELP, Exit, exit_on_errors, stop_on_sigterm, threads_option, version
 from boxseg.data.files import output_folder
 from boxseg.threads import configure_threads
 
@@ -37,23 +37,15 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
     """Write the artifacts, each with <artifact>.json beside it (metadata with the parity
     result), into --out."""
     from boxseg.cli.train import resolve_device
-    from boxseg.errors import DataError
     from boxseg.models.meta import load_checkpoint_model
 
     configure_threads(threads)
     if not (do_onnx or do_trt or do_aoti):
         do_onnx = True
-    try:
-        model, meta = load_checkpoint_model(model_path)
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
     stop_on_sigterm()
-    try:
+    with exit_on_errors():
+        model, meta = load_checkpoint_model(model_path)
         output_folder(out_dir)
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
     stem = (meta["kind"] + ("_5ch" if meta["in_channels"] == 5 else "") + ("_dynsize" if dynamic_size else "")
             + (".fp16" if fp16 else ""))
     failed = False
@@ -72,35 +64,23 @@ def main(model_path, out_dir, do_onnx, fp16, dynamic_batch, dynamic_size, opset,
         click.echo(line)
 
     onnx_path = out_dir / f"{stem}.onnx"
-    if do_onnx or do_trt:
-        from boxseg.export.onnx import export_onnx
-        from boxseg.predict.onnxruntime import OnnxRuntimeMissing
+    with exit_on_errors():  # onnxruntime (the parity check) or tensorrt missing, an AOTI build that crashed
+        if do_onnx or do_trt:
+            from boxseg.export.onnx import export_onnx
 
-        try:  # the parity check runs the file in onnxruntime
             report(onnx_path, export_onnx(model, meta, onnx_path, fp16, dynamic_batch, opset,
                                           dynamic_size=dynamic_size))
-        except OnnxRuntimeMissing as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(Exit.MISSING_PACKAGE)
-    if do_trt:
-        from boxseg.export.trt import build_engine
-        from boxseg.predict.tensorrt import TensorRTMissing
+        if do_trt:
+            from boxseg.export.trt import build_engine
 
-        try:
             report(out_dir / f"{stem}.engine", build_engine(onnx_path, meta, out_dir / f"{stem}.engine", fp16, batch))
-        except TensorRTMissing as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(Exit.MISSING_PACKAGE)
-    if do_aoti:
-        from boxseg.export.aoti import AotiExportError, export_aoti
+        if do_aoti:
+            from boxseg.export.aoti import export_aoti
 
-        dev = resolve_device(device)
-        try:  # compiled in a child process: a crash in torch's compiler is reported, with its phase
-            art = export_aoti(model, meta, out_dir / f"{stem}.pt2", dev, fp16, batch, log=click.echo)
-        except AotiExportError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(Exit.EXPORT_FAILED)
-        report(out_dir / f"{stem}.pt2", art)
+            dev = resolve_device(device)
+            # compiled in a child process: a crash in torch's compiler is reported, with its phase
+            report(out_dir / f"{stem}.pt2", export_aoti(model, meta, out_dir / f"{stem}.pt2", dev, fp16, batch,
+                                                        log=click.echo))
     if failed:
         click.echo("error: a parity check failed (see above); the artifact is written but should not be trusted",
                    err=True)

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, no_space, stop_on_sigterm, threads_option, version
-from boxseg.threads import configure_threads
+from boxseg.cli import (HELP, Exit, check_backend_precision, exit_on_errors, no_space, stop_on_sigterm,
+                        threads_option, version)
 from boxseg.config import ProposalConfig, proposal_problems
 from boxseg.data.files import output_folder
 from boxseg.errors import BadInputLog, DataError, NoSpace
 from boxseg.predict import BACKENDS, default_precision
-from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
-from boxseg.predict.tensorrt import TensorRTMissing
 from boxseg.propose import merge_manifest
+from boxseg.threads import configure_threads
 from boxseg.versions import library_versions
 
 METHODS = ("learned", "box", "box-centre", "grabcut")
@@ -123,7 +122,8 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     cfg = ProposalConfig(threshold=threshold, margin=margin, class_margin=class_margin, merge=merge, batch=batch)
     log = BadInputLog()
     stop_on_sigterm()
-    try:
+    check_backend_precision(backend, precision)
+    with exit_on_errors():
         output_folder(out_dir)
         target = open_target(voc_root, split, coco_ann, coco_images, skip_bad, log)
         if method == "learned":
@@ -140,14 +140,6 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
             _claim(out_dir, overwrite, method=method, data=target.describe,
                    box_centre_fraction=box_centre_fraction if method == "box-centre" else None)
             info, run = _baseline(method, target, out_dir, box_centre_fraction, (rank, world))
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
-    except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:  # an optional package missing or misinstalled
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.MISSING_PACKAGE)
-    except NoSpace as e:
-        no_space(e)
     # each rank's part travels to rank 0 through the process group, not through files in --out,
     # so two runs sharing a folder cannot read or delete each other's parts
     parts = dist.gather({"rank": rank, "run": run, "bad_input": log.to_dict()})

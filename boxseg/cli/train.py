@@ -8,14 +8,12 @@ import sys
 from pathlib import Path
 
 import click
-
-from boxseg.cli import HELP, Exit, no_space, stop_on_sigterm, threads_option, version
-from boxseg.threads import configure_threads
 import torch
 
+from boxseg.cli import HELP, Exit, exit_on_errors, fail, stop_on_sigterm, threads_option, version
 from boxseg.config import TrainConfig, config_problems, load_yaml, override, preset
 from boxseg.data.files import output_folder
-from boxseg.errors import DataError, NoSpace
+from boxseg.threads import configure_threads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,8 +111,7 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
         try:
             cfg = load_yaml(config_file, cfg)
         except ValueError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(Exit.BAD_INPUT)
+            fail(e, Exit.BAD_INPUT)
     try:
         flags = {"setting": setting, "rounds": rounds, "semi_list": semi_list, "semi_fraction": semi_fraction,
                  "device": device, "data.voc_root": voc_root and str(voc_root), "data.coco_ann": coco_ann and str(coco_ann),
@@ -132,12 +129,12 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
             cfg = override(cfg, k.strip(), v)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    problems = config_problems(cfg)  # before anything is written: a bad value must not leave a run folder behind
+    if problems:
+        raise click.BadParameter("; ".join(problems), param_hint="the config (--set, --config or a flag)")
     stop_on_sigterm()
-    try:
+    with exit_on_errors():
         output_folder(run_dir)
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
     if overwrite and run_dir.is_dir():  # start the folder afresh: what an earlier run of boxseg-train wrote goes
         import shutil
 
@@ -147,10 +144,6 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise click.UsageError(f"{run_dir} is not empty; pass --resume, --overwrite to start it afresh, "
                                f"or choose another --out")
-
-    problems = config_problems(cfg)  # before anything is written: a bad value must not leave a run folder behind
-    if problems:
-        raise click.BadParameter("; ".join(problems), param_hint="the config (--set, --config or a flag)")
     configure_threads(threads, cfg.workers)
     dev = resolve_device(cfg.device)
     dist.init_from_env(dev)
@@ -167,11 +160,8 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     if dist.is_main():  # one trainer per run folder: a second one would interleave its checkpoints
         from boxseg.data.files import lock_folder
 
-        try:
+        with exit_on_errors():
             lock = lock_folder(run_dir, "boxseg-train")
-        except DataError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(Exit.BAD_INPUT)
     try:
         _train(cfg, run_dir, dev)
     finally:  # released however the run ends (the OS would at exit; a caller in the same process needs it now)
@@ -189,31 +179,20 @@ def _train(cfg: TrainConfig, run_dir: Path, dev: torch.device) -> None:
         coco_images_p, coco_ann_p, voc_root_p = synth_world(cfg.data.synth_size, cfg.data.synth_seed)
     else:
         voc_root_p, coco_ann_p, coco_images_p = Path(cfg.data.voc_root), Path(cfg.data.coco_ann), Path(cfg.data.coco_images)
-    try:
+    with exit_on_errors():
         data = open_datasets(voc_root_p, coco_ann_p, coco_images_p, cfg.data.train_split, cfg.data.val_split,
                              cfg.data.skip_bad, cache=cfg.data.voc_root is None)
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
     if data.log.skipped and dist.is_main():
         click.echo(data.log.summary(), err=True)
-    try:
+    with exit_on_errors():
         prepare_run(cfg, run_dir)
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
     scheme = Scheme(cfg, run_dir, data, dev, progress=sys.stderr.isatty())
     from boxseg.train.loop import TrainingDiverged
     try:
-        res = scheme.run()
+        with exit_on_errors():
+            res = scheme.run()
     except TrainingDiverged as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.DIVERGED)
-    except NoSpace as e:
-        no_space(e)
-    except DataError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(Exit.BAD_INPUT)
+        fail(e, Exit.DIVERGED)
     if dist.is_main():
         click.echo(results_table(res))
         if "ratio_learned_full" in res:
