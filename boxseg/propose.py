@@ -44,6 +44,7 @@ from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint
+from boxseg.threads import available_cpus
 from boxseg.workers import background_worker, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
 from boxseg.predict.image import Letterbox, letterbox, letterbox_params, unletterbox
@@ -154,12 +155,13 @@ class _Image:
 def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: ProposalConfig,
             device: torch.device, precision: str = "fp32", workers: int = 0, instances: bool = False,
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
-            progress: bool = False, writers: int = 2, chunk: int = 16) -> ProposalRun:
+            progress: bool = False, writers: int | None = None, chunk: int = 16) -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
     image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
     is wrapped in the eager one at `precision`). A bad image raises DataError naming the
     file, or with `skip_bad` is logged in `log` and skipped. `chunk` images are decoded and
-    uploaded together."""
+    uploaded together. `writers` threads encode and write (default: 2 on CPU, where they
+    share the cores with the model; on CUDA half the available CPUs, 2 to 8)."""
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -174,6 +176,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     todo = [i for i in mine if not _done(out_dir, images.id(i), instances)]
     run = ProposalRun(skipped_existing=len(mine) - len(todo))
     cuda = device.type == "cuda"
+    if writers is None:
+        writers = min(8, max(2, available_cpus() // 2)) if cuda else 2
     loader = DataLoader(_Decoded(images, todo, size), batch_size=max(1, chunk), collate_fn=_collate,
                         num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=cuda,
                         persistent_workers=False, worker_init_fn=background_worker if not cuda else foreground_worker)
