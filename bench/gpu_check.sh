@@ -11,11 +11,11 @@
 # tarball is always written; steps.txt says how each ended (rc 124 = its limit).
 #   data, e2e       boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
 #                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor
+#   e2e_compile     the e2e measurement with the compile Predictor (max-autotune, CUDA graphs)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
 #   head_eager      SegNet1 (paper @321), batch 64, fp16: eager torch, channels_last and contiguous
 #   tests           pytest -m gpu (fp16 vs fp32 labels per backend, propose CUDA vs CPU)
 #   head_compile    the headline cell through the compile Predictor (max-autotune, CUDA graphs)
-#   e2e_compile     the e2e measurement with the compile Predictor
 #   head_aoti       the headline cell through an AOTInductor package (max-autotune)
 #   tables          both networks, eager/onnxruntime/tensorrt, batch 1 and 64, fp16 and fp32
 #   tables_compile  both networks through compile (reduce-overhead) and aoti, batch 1 and 64
@@ -61,18 +61,18 @@ B="$PY -m boxseg.cli.bench --device cuda --out $R"
 step data 45 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 8 --n-source 8 --workers 12
 E="--model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10"
 step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
-step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R
-H="--model segnet1 --preset paper --batch 64 --precision fp16 --warmup 5 --iters 30"
-step head_eager 45 $B $H --backends torch,torch-cl,torch-nchw --tag segnet1_321_head_eager
-step tests 150 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rs
-step head_compile 120 $B $H --backends compile --tag segnet1_321_head_compile
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
+step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R
+H="--model segnet1 --preset paper --size 321 --batch 64 --precision fp16 --warmup 5 --iters 30"
+step head_eager 45 $B $H --backends torch,torch-cl,torch-nchw --tag segnet1_321_head_eager
+step tests 150 $PY -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -rs --durations=0
+step head_compile 120 $B $H --backends compile --tag segnet1_321_head_compile
 step head_aoti 150 $B $H --backends aoti --tag segnet1_321_head_aoti
 T="--batch 1,64 --precision fp16,fp32 --warmup 3 --iters 10"
-step tables 90 bash -c "$B --model segnet1 --preset paper $T --backends torch,torch-cl,torch-nchw,onnxruntime,tensorrt \
+step tables 90 bash -c "$B --model segnet1 --preset paper --size 321 $T --backends torch,torch-cl,torch-nchw,onnxruntime,tensorrt \
     --tag segnet1_321_table && $B --model segnet2 --preset paper $T --backends torch,torch-cl,torch-nchw,onnxruntime,tensorrt \
     --tag segnet2_512_table"
-step tables_compile 150 bash -c "$B --model segnet1 --preset paper $T --backends compile,aoti --compile-mode reduce-overhead \
+step tables_compile 150 bash -c "$B --model segnet1 --preset paper --size 321 $T --backends compile,aoti --compile-mode reduce-overhead \
     --tag segnet1_321_table_compiled && $B --model segnet2 --preset paper $T --backends compile,aoti \
     --compile-mode reduce-overhead --tag segnet2_512_table_compiled"
 step aoti_tiny 60 $PY -c "

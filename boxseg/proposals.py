@@ -113,21 +113,37 @@ def merge_foreground_torch(probs: torch.Tensor, classes: list[int], inside: torc
         return out
     if mode != "ignore":
         raise ValueError(f"merge mode must be 'ignore' or 'order', not {mode!r}")
+    cls = torch.tensor(classes, dtype=torch.uint8).to(probs.device, non_blocking=True)
+    return merge_foreground_batch(probs[None], cls[None], inside[None], threshold, margin, class_margin)[0]
+
+
+def merge_foreground_batch(probs: torch.Tensor, classes: torch.Tensor, inside: torch.Tensor, threshold: float = 0.5,
+                           margin: float = 0.1, class_margin: float = 0.1) -> torch.Tensor:
+    """The "ignore" merge rule for N images at once, a fixed number of kernels whatever N:
+    probs float32 (N, K, H, W), classes uint8 (N, K), inside bool (N, K, H, W). Images with
+    fewer classes or smaller than (H, W) are padded: a slot (or pixel) inside none of the
+    boxes takes no part, and padding pixels come out 0. Returns uint8 (N, H, W),
+    elementwise the same arithmetic as `merge_foreground_torch` image by image."""
+    import torch
+
+    n, k, h, w = probs.shape
+    if k == 0:
+        return torch.zeros((n, h, w), dtype=torch.uint8, device=probs.device)
     minus1 = torch.full((), -1.0, dtype=probs.dtype, device=probs.device)
     # the best and second-best probability over the few classes (K is small), one class at a
-    # time: a reduction over dim 0 (argmax, topk) is many times slower on CPU. A strict `>`
-    # keeps the first of equal maxima, as numpy's stable argsort; p2 equals p1 on a tie.
-    p1 = torch.where(inside[0], probs[0], minus1)
-    p2 = torch.full((h, w), -1.0, dtype=probs.dtype, device=probs.device)
-    cls = torch.full((h, w), classes[0], dtype=torch.uint8, device=probs.device)
+    # time: a reduction over the class dim (argmax, topk) is many times slower on CPU. A
+    # strict `>` keeps the first of equal maxima, as numpy's stable argsort; p2 equals p1 on a tie.
+    p1 = torch.where(inside[:, 0], probs[:, 0], minus1)
+    p2 = torch.full((n, h, w), -1.0, dtype=probs.dtype, device=probs.device)
+    cls = classes[:, 0].view(n, 1, 1).expand(n, h, w)
     for j in range(1, k):
-        pj = torch.where(inside[j], probs[j], minus1)
+        pj = torch.where(inside[:, j], probs[:, j], minus1)
         above = pj > p1
         p2 = torch.where(above, p1, torch.maximum(p2, pj))
         p1 = torch.where(above, pj, p1)
-        cls = cls.masked_fill(above, classes[j])
-    any_inside = inside.any(0)
-    out = torch.where(any_inside & (p1 >= threshold), cls, out)
+        cls = torch.where(above, classes[:, j].view(n, 1, 1), cls)
+    any_inside = inside.any(1)
+    out = torch.where(any_inside & (p1 >= threshold), cls, torch.zeros((), dtype=torch.uint8, device=probs.device))
     uncertain = (p1 - threshold).abs() < margin
     close = (p2 >= threshold - margin) & (p1 - p2 < class_margin)
     return out.masked_fill_(any_inside & (uncertain | close), IGNORE)

@@ -48,7 +48,7 @@ from boxseg.threads import available_cpus
 from boxseg.workers import background_worker, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
 from boxseg.predict.image import Letterbox, letterbox, letterbox_params, unletterbox
-from boxseg.proposals import merge_foreground_torch, range_masks
+from boxseg.proposals import merge_foreground_batch, merge_foreground_torch, range_masks
 from boxseg.train.segnet2 import segnet2_inputs
 
 STAGES = ("wait_decode", "upload", "model", "post", "download", "wait_writers")
@@ -147,8 +147,19 @@ class ProposalRun:
 class _Image:
     rec: dict
     canvas: torch.Tensor                                          # uint8 (S, S, 3) on the device
-    maps: dict[int, torch.Tensor] = field(default_factory=dict)   # class -> fg probability (S', S')
-    finite: dict[int, torch.Tensor] = field(default_factory=dict)  # class -> bool: the whole map is finite
+    # the image's pairs in class order, as slices of the batches that computed them: fg
+    # probability (k, S', S') and whether each whole map is finite (k,)
+    maps: list[torch.Tensor] = field(default_factory=list)
+    finite: list[torch.Tensor] = field(default_factory=list)
+    done: int = 0                                                 # pairs computed
+
+    def outputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(K, S', S') maps and (K,) finite flags: views when one batch held all the pairs."""
+        if not self.maps:
+            return None, None
+        if len(self.maps) == 1:
+            return self.maps[0], self.finite[0]
+        return torch.cat(self.maps), torch.cat(self.finite)
 
 
 @torch.no_grad()
@@ -193,13 +204,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
 
     def post(done: list[int], t_model) -> None:
         """Device post-processing of the finished images, one download, hand to the writers."""
-        entries = []
-        for i in done:
-            st = pending.pop(i)
-            classes = st.rec["classes"]
-            maps = torch.stack([st.maps[c] for c in classes]) if classes else None
-            finite = torch.stack([st.finite[c] for c in classes]) if classes else None
-            entries.append((st.rec, maps, finite))
+        entries = [(st.rec, *st.outputs()) for st in (pending.pop(i) for i in done)]
         tp = time.perf_counter()
         flat, layout = _post_process(entries, cfg, instances, device)
         t_post = clock.mark()
@@ -229,14 +234,22 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         logits = segnet2(segnet2_inputs(canvases, box_masks(ranges, size, device), cls, segnet1, img_idx))
         fg = logits.softmax(1)[:, 1]
         finite = torch.isfinite(fg.flatten(1)).all(1)
-        for k, (i, m) in enumerate(pairs):
-            pending[i].maps[m], pending[i].finite[m] = fg[k], finite[k]
+        k = 0
+        for i in order:  # an image's pairs are consecutive in the queue, in class order
+            n = 0
+            while k + n < len(pairs) and pairs[k + n][0] == i:
+                n += 1
+            st = pending[i]
+            st.maps.append(fg[k: k + n])
+            st.finite.append(finite[k: k + n])
+            st.done += n
+            k += n
         t_model = clock.mark()
         if not cuda:
             clock.add("model", t_model - t_in)
         run.pairs += len(pairs)
         failpoint("propose.batch")
-        post([i for i in order if len(pending[i].maps) == len(pending[i].rec["classes"])], (t_in, t_model))
+        post([i for i in order if pending[i].done == len(pending[i].rec["classes"])], (t_in, t_model))
 
     try:
         it = iter(loader)
@@ -286,39 +299,83 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     return run
 
 
-def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: torch.device):
-    """Finished images -> one flat uint8 tensor on `device` and its layout. Per image:
-    whether each class's map is finite (K bytes), the merged label map (h*w bytes) and, with
-    `instances`, each box's mask inside its box and the boxes' scores (float32 as bytes)."""
-    parts: list[torch.Tensor] = []
-    layout = []
-    for rec, maps, finite in entries:
-        lb: Letterbox = rec["lb"]
-        classes = rec["classes"]
-        if classes:
-            probs = unletterbox(maps, lb)
-            inside = range_masks([rec["image_ranges"][rec["labels"] == c] for c in classes], lb.h, lb.w, device)
-            label = merge_foreground_torch(probs, classes, inside, rec["image_ranges"], rec["labels"],
-                                           cfg.threshold, cfg.margin, cfg.class_margin, cfg.merge)
-        else:  # an image without boxes: all background
-            finite = torch.ones(0, dtype=torch.bool, device=device)
-            label = torch.zeros((lb.h, lb.w), dtype=torch.uint8, device=device)
-        item = [finite.to(torch.uint8), label.flatten()]
-        crops = []
-        if instances and classes:
-            index = {c: j for j, c in enumerate(classes)}
+def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: torch.device,
+                  together: bool | None = None):
+    """Finished images -> one flat uint8 tensor on `device` and its layout (`_Layout`): each
+    image's per-class finite flags (K bytes), the label maps of all images padded to the
+    largest (N x H x W bytes) and, with `instances`, each box's mask inside its box and the
+    boxes' scores (float32 as bytes). `together` (default: on CUDA) merges all images in one
+    set of kernels over the padded batch, which costs a few kernel launches an image instead
+    of ~40; on CPU, where a launch is cheap and padding is not, image by image. Both give the
+    same bytes (elementwise the same arithmetic; tested)."""
+    together = device.type == "cuda" if together is None else together
+    n = len(entries)
+    hmax = max((rec["lb"].h for rec, _, _ in entries), default=0)
+    wmax = max((rec["lb"].w for rec, _, _ in entries), default=0)
+    groups = [list(range(n))] if together else [[j] for j in range(n)]
+    labels = torch.zeros((n, hmax, wmax), dtype=torch.uint8, device=device)
+    probs_of: dict[int, torch.Tensor] = {}  # image -> (K, h, w) probabilities (a view) for the instance masks
+    for group in groups:
+        recs = [entries[j][0] for j in group]
+        kmax = max(len(r["classes"]) for r in recs)
+        if kmax == 0:
+            continue  # images without boxes: all background
+        gh, gw = max(r["lb"].h for r in recs), max(r["lb"].w for r in recs)
+        probs = torch.zeros((len(group), kmax, gh, gw), dtype=torch.float32, device=device)
+        ranges, classes = [], np.zeros((len(group), kmax), np.uint8)
+        for g, (rec, j) in enumerate(zip(recs, group)):
+            lb, cls = rec["lb"], rec["classes"]
+            if cls:
+                probs[g, : len(cls), : lb.h, : lb.w] = unletterbox(entries[j][1], lb)
+                probs_of[j] = probs[g, : len(cls), : lb.h, : lb.w]
+            classes[g, : len(cls)] = cls
+            ranges += [rec["image_ranges"][rec["labels"] == c] for c in cls]
+            ranges += [np.zeros((0, 4), np.int64)] * (kmax - len(cls))
+        if cfg.merge == "order":  # boxes painted in annotation order: image by image
+            for g, (rec, j) in enumerate(zip(recs, group)):
+                if rec["classes"]:
+                    lb = rec["lb"]
+                    labels[j, : lb.h, : lb.w] = merge_foreground_torch(
+                        probs_of[j], rec["classes"], None, rec["image_ranges"], rec["labels"], cfg.threshold,
+                        mode="order")
+            continue
+        inside = range_masks(ranges, gh, gw, device).view(len(group), kmax, gh, gw)
+        cls_t = torch.from_numpy(classes).to(device, non_blocking=True)
+        merged = merge_foreground_batch(probs, cls_t, inside, cfg.threshold, cfg.margin, cfg.class_margin)
+        if together:
+            labels[:, :gh, :gw] = merged
+        else:
+            labels[group[0], :gh, :gw] = merged[0]
+    finite = [f for _, _, f in entries if f is not None]
+    parts = [torch.cat(finite).to(torch.uint8) if finite else torch.zeros(0, dtype=torch.uint8, device=device),
+             labels.flatten()]
+    layout = _Layout(hmax, wmax, [])
+    for j, (rec, _, _) in enumerate(entries):
+        sizes, crops = [], []
+        if instances and rec["classes"]:
+            probs = probs_of[j]
+            index = {c: q for q, c in enumerate(rec["classes"])}
             scores = []
             for (r0, r1, c0, c1), lab in zip(rec["image_ranges"].tolist(), rec["labels"].tolist()):
                 p = probs[index[lab], r0:r1, c0:c1]
                 m = p >= cfg.threshold
                 scores.append(torch.where(m, p, 0).sum() / m.sum().clamp(min=1))
                 crops.append((r0, r1, c0, c1))
-                item.append(m.flatten().to(torch.uint8))
-            item.append(torch.stack(scores).float().view(torch.uint8))
-        parts += item
-        layout.append((rec, [t.numel() for t in item], crops))
-    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
-    return flat, layout
+                parts.append(m.flatten().to(torch.uint8))
+                sizes.append((r1 - r0) * (c1 - c0))
+            parts.append(torch.stack(scores).float().view(torch.uint8))
+            sizes.append(4 * len(scores))
+        layout.images.append((rec, sizes, crops))
+    return torch.cat(parts), layout
+
+
+@dataclass
+class _Layout:
+    """How `_post_process`'s flat bytes divide: the per-class finite flags of all images in
+    order, the label maps (N, hmax, wmax), then per image its instance pieces (`sizes`)."""
+    hmax: int
+    wmax: int
+    images: list  # (rec, instance piece sizes, box crops) per image
 
 
 def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, instances: bool, run: ProposalRun,
@@ -337,13 +394,18 @@ def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, 
                 clock.add("post", clock.between(t_model[1], t_post))
             clock.add("download", clock.between(t_post, ready))
         buf = host.numpy()
-        at = 0
-        for rec, sizes, crops in layout:
+        n = len(layout.images)
+        nfin = sum(len(rec["classes"]) for rec, _, _ in layout.images)
+        finite_all = buf[:nfin]
+        labels = buf[nfin: nfin + n * layout.hmax * layout.wmax].reshape(n, layout.hmax, layout.wmax)
+        at, fat = nfin + labels.size, 0
+        for j, (rec, sizes, crops) in enumerate(layout.images):
             pieces = []
-            for n in sizes:
-                pieces.append(buf[at: at + n])
-                at += n
-            finite, label = pieces[0], pieces[1]
+            for size in sizes:
+                pieces.append(buf[at: at + size])
+                at += size
+            k = len(rec["classes"])
+            finite, fat = finite_all[fat: fat + k], fat + k
             lb = rec["lb"]
             if not finite.all():
                 for c, ok in zip(rec["classes"], finite.tolist()):
@@ -354,14 +416,14 @@ def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, 
             if instances:
                 scores = pieces[-1].view(np.float32) if crops else np.zeros(0, np.float32)
                 dets = []
-                for k, ((r0, r1, c0, c1), lab, box) in enumerate(zip(crops, rec["labels"], rec["boxes"])):
+                for q, ((r0, r1, c0, c1), lab, box) in enumerate(zip(crops, rec["labels"], rec["boxes"])):
                     mask = np.zeros((lb.h, lb.w), bool)
-                    mask[r0:r1, c0:c1] = pieces[2 + k].reshape(r1 - r0, c1 - c0).astype(bool)
-                    score = float(scores[k]) if mask.any() else 0.0
+                    mask[r0:r1, c0:c1] = pieces[q].reshape(r1 - r0, c1 - c0).astype(bool)
+                    score = float(scores[q]) if mask.any() else 0.0
                     dets.append({"label": int(lab), "box": [round(float(v), 2) for v in box], "score": round(score, 5),
                                  "segmentation": encode_rle(mask)})
                 write_bytes_atomic(out_dir / "instances" / f"{rec['id']}.json", json.dumps(dets).encode())
-            write_label_png(out_dir / f"{rec['id']}.png", label.reshape(lb.h, lb.w))
+            write_label_png(out_dir / f"{rec['id']}.png", labels[j, : lb.h, : lb.w])
             written += 1
     finally:
         slots.release()

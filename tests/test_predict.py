@@ -125,6 +125,35 @@ def test_device_merge_equals_numpy_on_the_world(world):
         assert np.array_equal(ref, got), ds.ids[i]
 
 
+@pytest.mark.parametrize("merge", ["ignore", "order"])
+def test_post_processing_all_images_at_once_equals_image_by_image(world, merge):
+    """The CUDA path merges a batch's images in one set of kernels over padded tensors; on
+    CPU it goes image by image. Same bytes: labels, finite flags, instance masks and scores."""
+    from boxseg.data.images import ImageSet
+    from boxseg.data.voc import NUM_VOC_CLASSES
+    from boxseg.propose import _Decoded, _post_process
+
+    images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
+    recs = [_Decoded(images, list(range(len(images))), 96)[k] for k in range(len(images))]
+    g = torch.Generator().manual_seed(0)
+    entries = []
+    for rec in recs:
+        rec.pop("canvas")
+        k = len(rec["classes"])
+        maps = torch.rand(k, 24, 24, generator=g)
+        maps[:, :3] = 0.5  # exact threshold, and ties between classes
+        entries.append((rec, maps if k else None, torch.rand(k, generator=g) > 0.2 if k else None))
+    assert len({(r["lb"].h, r["lb"].w) for r in recs}) > 1 and max(len(r["classes"]) for r in recs) > 1
+    cfg = ProposalConfig(merge=merge)
+    one, lay1 = _post_process(entries, cfg, True, CPU, together=False)
+    every, lay2 = _post_process(entries, cfg, True, CPU, together=True)
+    assert (lay1.hmax, lay1.wmax) == (lay2.hmax, lay2.wmax) and lay1.images == lay2.images
+    assert torch.equal(one, every)
+    labels = one[sum(len(r["classes"]) for r in recs):][: len(recs) * lay1.hmax * lay1.wmax]
+    assert int((labels == 255).sum()) > 0 if merge == "ignore" else int((labels == 255).sum()) == 0
+    assert int(((labels > 0) & (labels < 255)).sum()) > 1000
+
+
 # -- no consumer bypasses the Predictor ----------------------------------------------------------
 
 def test_training_rounds_propose_what_boxseg_propose_writes(world, tmp_path):

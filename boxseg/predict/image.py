@@ -53,8 +53,11 @@ def letterbox(arr: np.ndarray, lb: Letterbox, pad: float | np.ndarray, nearest: 
     with `pad` (a scalar, or one value per channel such as MEAN_U8)."""
     ih, iw = lb.inner
     inner = arr if (ih, iw) == arr.shape[:2] else resize(arr, ih, iw, nearest)
-    out = np.full((lb.size, lb.size) + arr.shape[2:], pad, dtype=arr.dtype)
+    out = np.empty((lb.size, lb.size) + arr.shape[2:], dtype=arr.dtype)
     out[:ih, :iw] = inner.reshape((ih, iw) + arr.shape[2:])
+    pad = np.asarray(pad, dtype=arr.dtype)  # filling only the margins: np.full with per-channel values is slow
+    out[ih:] = pad
+    out[:ih, iw:] = pad
     return out
 
 
@@ -63,8 +66,13 @@ def unletterbox(maps: torch.Tensor, lb: Letterbox) -> torch.Tensor:
     stride = lb.size / maps.shape[-1]
     ih, iw = lb.inner
     crop = maps[:, : math.ceil(ih / stride), : math.ceil(iw / stride)]
-    # upsample to canvas resolution of the crop, cut the exact inner region, then resize to the image
-    up = torch.nn.functional.interpolate(crop[None].float(), scale_factor=stride, mode="bilinear", align_corners=False)[0]
+    # upsample to canvas resolution of the crop (at stride 1 an identity: skipped), cut the
+    # exact inner region, then resize to the image
+    if stride == 1:
+        up = crop.float()
+    else:
+        up = torch.nn.functional.interpolate(crop[None].float(), scale_factor=stride, mode="bilinear",
+                                             align_corners=False)[0]
     up = up[:, :ih, :iw]
     if (ih, iw) != (lb.h, lb.w):
         up = torch.nn.functional.interpolate(up[None], size=(lb.h, lb.w), mode="bilinear", align_corners=False)[0]

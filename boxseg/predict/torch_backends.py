@@ -33,9 +33,11 @@ class TorchPredictor(Predictor):
 
 
 class CompiledPredictor(TorchPredictor):
-    """torch.compile of the eager network. Shapes are fixed (the batch padded to a bucket,
-    `batch_bucket`), so each shape compiles once; on CUDA the default mode is max-autotune,
-    whose CUDA graphs need every replay's output copied before the next (done in
+    """torch.compile of the eager network. Shapes are fixed, so each shape compiles once: a
+    short batch is padded to a power-of-two bucket (`batch_bucket`), or under max-autotune
+    (the default on CUDA, where one shape's autotuning takes a minute or more) to the full
+    batch, so a run compiles one shape and pays for it with at most one padded batch.
+    max-autotune's CUDA graphs need every replay's output copied before the next (done in
     Predictor.__call__)."""
 
     backend = "compile"
@@ -54,6 +56,8 @@ class CompiledPredictor(TorchPredictor):
         self.max_batch = self.batch
 
     def padded_size(self, n: int) -> int:
+        if self.mode is not None and self.mode.startswith("max-autotune"):
+            return self.batch
         return batch_bucket(n, self.batch)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
