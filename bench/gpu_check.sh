@@ -11,11 +11,11 @@
 # tarball is always written; steps.txt says how each ended (rc 124 = its limit).
 #   data, e2e       boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
 #                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor
-#   e2e_compile     the e2e measurement with the compile Predictor (max-autotune, CUDA graphs)
+#   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
 #   head_eager      SegNet1 (paper @321), batch 64, fp16: eager torch, channels_last and contiguous
 #   tests           pytest -m gpu (fp16 vs fp32 labels per backend, propose CUDA vs CPU)
-#   head_compile    the headline cell through the compile Predictor (max-autotune, CUDA graphs)
+#   head_compile    the headline cell through the compile Predictor (reduce-overhead: CUDA graphs)
 #   head_aoti       the headline cell through an AOTInductor package (max-autotune)
 #   tables          both networks, eager/onnxruntime/tensorrt, batch 1 and 64, fp16 and fp32
 #   tables_compile  both networks through compile (reduce-overhead) and aoti, batch 1 and 64

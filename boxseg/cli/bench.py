@@ -57,7 +57,7 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--voc-root", type=click.Path(path_type=Path), help="Images for --e2e.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
 @click.option("--compile-mode", default="auto", show_default=True,
-              help="torch.compile mode of the compile backend: auto (max-autotune on CUDA, default on CPU), "
+              help="torch.compile mode of the compile backend: auto (reduce-overhead on CUDA, default on CPU), "
                    "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")
 @threads_option
 def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag, e2e, voc_root,

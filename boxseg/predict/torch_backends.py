@@ -1,5 +1,5 @@
 """The torch backends: eager (`torch`) and `compile` (torch.compile over fixed batch shapes;
-on CUDA in max-autotune mode, which replays CUDA graphs)."""
+on CUDA in reduce-overhead mode, which replays CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -33,12 +33,14 @@ class TorchPredictor(Predictor):
 
 
 class CompiledPredictor(TorchPredictor):
-    """torch.compile of the eager network. Shapes are fixed, so each shape compiles once: a
-    short batch is padded to a power-of-two bucket (`batch_bucket`), or under max-autotune
-    (the default on CUDA, where one shape's autotuning takes a minute or more) to the full
-    batch, so a run compiles one shape and pays for it with at most one padded batch.
-    max-autotune's CUDA graphs need every replay's output copied before the next (done in
-    Predictor.__call__)."""
+    """torch.compile of the eager network. Shapes are fixed, so each shape compiles once: on
+    CPU a short batch is padded to a power-of-two bucket (`batch_bucket`); on CUDA to the
+    full batch, so a run compiles and captures one shape and pays for it with at most one
+    padded batch. The default mode on CUDA is reduce-overhead (CUDA graphs, inductor's
+    kernels): max-autotune autotuned each convolution shape for 6-10 s on an H200 and had
+    not finished the paper SegNet2 after 150 s (bench/results/gpu_h200_20261127_*); it stays
+    available as `mode`. CUDA graphs need every replay's output copied before the next
+    (done in Predictor.__call__)."""
 
     backend = "compile"
 
@@ -46,7 +48,7 @@ class CompiledPredictor(TorchPredictor):
                  mode: str | None = "auto", memory_format: torch.memory_format | None = None):
         super().__init__(model, meta, device, precision, batch, memory_format)
         if mode in ("auto", None):
-            mode = "max-autotune" if self.device.type == "cuda" else None
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
         elif mode == "default":
             mode = None
         self.mode = mode
@@ -56,7 +58,7 @@ class CompiledPredictor(TorchPredictor):
         self.max_batch = self.batch
 
     def padded_size(self, n: int) -> int:
-        if self.mode is not None and self.mode.startswith("max-autotune"):
+        if self.device.type == "cuda":
             return self.batch
         return batch_bucket(n, self.batch)
 
