@@ -1,13 +1,20 @@
-"""A dense CRF for SegNet1's output, in the local-window form of ConvCRF (Teichmann &
-Cipolla, 2018): the fully connected model of Krähenbühl & Koltun with DeepLab's Gaussian
-kernels, truncated to a window x window neighbourhood so that mean-field inference is a
-few vectorised tensor operations per offset, on any device, with no compiled extension.
+"""Dense CRFs for SegNet1's output (DeepLab-v1's post-processing), in torch on any device.
 
-    E(x) = sum_i -log P_i(x_i) + sum_{i, j in window(i)} [x_i != x_j] k(i, j)
+Both minimise, by mean-field inference, the fully connected Potts model of Krähenbühl &
+Koltun (2011) with DeepLab's two Gaussian kernels:
+
+    E(x) = sum_i -log P_i(x_i) + sum_{i != j} [x_i != x_j] k(i, j)
     k(i, j) = w_bi exp(-|p_i - p_j|^2 / 2 s_xy^2 - |I_i - I_j|^2 / 2 s_rgb^2)
             + w_pos exp(-|p_i - p_j|^2 / 2 s_pos^2)
 
-With the Potts compatibility the mean-field update is Q <- softmax(log P + sum_j k(i,j) Q_j).
+`dense_crf_full` (the default, `method="full"`) is the real one: every pair of pixels,
+through permutohedral-lattice filtering (Adams, Baek & Davis, 2010) exactly as in
+Krähenbühl's code (pydensecrf: the same lattice, the same blur, symmetric kernel
+normalisation), written with tensor operations (splat by index_add, blur by gathers along
+the d+1 lattice axes, slice), so it runs on the GPU in `boxseg-eval`. `dense_crf_window`
+(`method="window"`) is the local-window approximation of ConvCRF (Teichmann & Cipolla,
+2018): the kernels cut to a window x window neighbourhood and not normalised; fast, but it
+drops the long-range bilateral term (xy std 121) that DeepLab's CRF is for.
 """
 
 from __future__ import annotations
@@ -15,14 +22,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+METHODS = ("full", "window")
 
 
 @dataclass(frozen=True)
 class CRFParams:
     """DeepLab-v1's CRF settings (bi_w 4, bi_xy_std 121, bi_rgb_std 5, pos_w 3, pos_xy_std 3,
-    10 iterations), with the kernels cut to a `window` x `window` neighbourhood."""
+    10 iterations). `method`: "full" (fully connected, permutohedral lattice) or "window"
+    (the kernels cut to a `window` x `window` neighbourhood)."""
     iterations: int = 10
+    method: str = "full"
     window: int = 11
     bi_w: float = 4.0
     bi_xy_std: float = 121.0
@@ -54,11 +67,21 @@ def _kernel_weights(image: torch.Tensor, p: CRFParams) -> tuple[list[tuple[int, 
 
 
 def dense_crf(probs: torch.Tensor, image: torch.Tensor, params: CRFParams = CRFParams()) -> torch.Tensor:
-    """Refine class probabilities with mean-field inference.
+    """Refine class probabilities with mean-field inference (`params.method`).
 
     probs: float (C, H, W), each pixel summing to 1. image: uint8 or float (H, W, 3) RGB in
     0..255, on the same device. Returns float (C, H, W) probabilities.
     """
+    if params.method == "full":
+        return dense_crf_full(probs, image, params)
+    if params.method != "window":
+        raise ValueError(f"CRF method must be one of {', '.join(METHODS)}, not {params.method!r}")
+    return dense_crf_window(probs, image, params)
+
+
+def dense_crf_window(probs: torch.Tensor, image: torch.Tensor, params: CRFParams = CRFParams()) -> torch.Tensor:
+    """The window approximation (ConvCRF): each kernel summed over the window x window
+    neighbourhood only (centre left out), unnormalised."""
     if params.window < 3 or params.window % 2 == 0:
         raise ValueError(f"window must be odd and >= 3, not {params.window}")
     img = image.permute(2, 0, 1).float()
@@ -74,3 +97,185 @@ def dense_crf(probs: torch.Tensor, image: torch.Tensor, params: CRFParams = CRFP
             msg += kk * qp[:, r + dy:r + dy + h, r + dx:r + dx + w]
         q = torch.softmax(unary + msg, dim=0)
     return q
+
+
+# -- the fully connected CRF ---------------------------------------------------------------
+
+
+class Permutohedral:
+    """Gaussian filtering over feature space: out_i ~ sum_j exp(-|f_i - f_j|^2 / 2) v_j, in
+    O(N d^2) on the permutohedral lattice. A transcription into tensor operations of
+    Krähenbühl's `Permutohedral` (densecrf / pydensecrf): the same elevation, rounding to
+    the nearest remainder-0 point, simplex ranks, barycentric weights, blur [1/2 1 1/2]
+    along each of the d+1 axes and the alpha scaling, so the two agree to rounding (their
+    sums run in another order)."""
+
+    def __init__(self, features: torch.Tensor):
+        """features: float32 (N, d), already divided by the kernel's standard deviations."""
+        f = features.float()
+        n, d = f.shape
+        dev = f.device
+        self.n, self.d = n, d
+        # elevate onto the hyperplane sum(x) = 0 of R^{d+1}, scaled as in the reference (float32)
+        inv_std = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))   # a float in the reference
+        scale = torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std for i in range(d)], dtype=torch.float32,
+                             device=dev)
+        cf = f * scale                                            # (N, d)
+        elevated = torch.empty((n, d + 1), dtype=torch.float32, device=dev)
+        sm = torch.zeros(n, dtype=torch.float32, device=dev)
+        for j in range(d, 0, -1):                                 # the reference's order of float sums
+            elevated[:, j] = sm - j * cf[:, j - 1]
+            sm = sm + cf[:, j - 1]
+        elevated[:, 0] = sm
+        # the closest remainder-0 lattice point, its simplex (ranks) and barycentric weights
+        down = 1.0 / (d + 1)
+        v = elevated * down
+        up_pt, down_pt = torch.ceil(v) * (d + 1), torch.floor(v) * (d + 1)
+        rem0 = torch.where(up_pt - elevated < elevated - down_pt, up_pt, down_pt)
+        total = (rem0 * down).sum(1).to(torch.int64)              # an integer: the reference sums rd2 * down
+        diff = elevated - rem0
+        rank = (diff[:, None, :] > diff[:, :, None]).sum(2)       # how many coordinates exceed each one
+        # ties: the reference counts j > i with diff_i < diff_j, and for j < i with diff_j >= diff_i
+        ties = (diff[:, None, :] == diff[:, :, None]) & (torch.arange(d + 1, device=dev)[None, :] <
+                                                         torch.arange(d + 1, device=dev)[:, None])
+        rank = rank + ties.sum(2)
+        rank = rank + total[:, None]
+        low, high = rank < 0, rank > d
+        rank = torch.where(low, rank + d + 1, torch.where(high, rank - d - 1, rank))
+        rem0 = torch.where(low, rem0 + d + 1, torch.where(high, rem0 - d - 1, rem0))
+        bary = torch.zeros((n, d + 2), dtype=torch.float32, device=dev)
+        vv = (elevated - rem0) * down
+        bary.scatter_add_(1, d - rank, vv)
+        bary.scatter_add_(1, d - rank + 1, -vv)
+        bary[:, 0] = (bary[:, 0].double() + (1.0 + bary[:, d + 1].double())).float()  # double in the reference
+        self.weights = bary[:, : d + 1]                           # (N, d+1)
+        # the d+1 vertices of each point's simplex: key = rem0 + canonical[remainder][rank]
+        r = torch.arange(d + 1, device=dev)
+        canonical = torch.where(r[None, :] <= d - r[:, None], r[:, None], r[:, None] - (d + 1))  # [remainder, rank]
+        rem0_i = rem0.to(torch.int64)
+        keys = rem0_i[:, None, :d] + canonical[:, rank[:, :d]].permute(1, 0, 2)  # (N, d+1, d)
+        self._coder = _KeyCoder(keys.reshape(-1, d))
+        codes = self._coder.encode(keys.reshape(-1, d))
+        self.lattice, inverse = torch.unique(codes, sorted=True, return_inverse=True)
+        self.offsets = inverse.view(n, d + 1)                     # lattice index of each vertex
+        m = self.lattice.numel()
+        self.m = m
+        # neighbours along each lattice axis j: key -1 everywhere, +d on j (and the reverse)
+        lat_keys = self._coder.decode(self.lattice)               # (M, d)
+        self.neighbours = []
+        for j in range(d + 1):
+            n1, n2 = lat_keys - 1, lat_keys + 1
+            if j < d:
+                n1[:, j] = lat_keys[:, j] + d
+                n2[:, j] = lat_keys[:, j] - d
+            self.neighbours.append((self._find(n1), self._find(n2)))
+
+    def _find(self, keys: torch.Tensor) -> torch.Tensor:
+        """Lattice index + 1 of each key, 0 where the key is not in the lattice."""
+        codes, valid = self._coder.encode(keys, check=True)
+        at = torch.searchsorted(self.lattice, codes).clamp(max=self.m - 1)
+        found = valid & (self.lattice[at] == codes)
+        return torch.where(found, at + 1, torch.zeros_like(at))
+
+    def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """values float32 (N, C) -> (N, C): splat, blur along every axis, slice."""
+        n, c = values.shape
+        lat = torch.zeros((self.m + 1, c), dtype=torch.float32, device=values.device)  # row 0: "not found"
+        idx = self.offsets.reshape(-1) + 1
+        lat.index_add_(0, idx, (self.weights[:, :, None] * values[:, None, :]).reshape(-1, c))
+        order = range(self.d, -1, -1) if reverse else range(self.d + 1)
+        for j in order:
+            n1, n2 = self.neighbours[j]
+            blurred = lat[1:] + 0.5 * (lat[n1] + lat[n2])
+            lat = torch.cat([lat[:1], blurred])
+        alpha = float(np.float32(1.0) / np.float32(1.0 + 2.0 ** (-self.d)))
+        vals = lat[idx].view(n, self.d + 1, c)
+        out = torch.zeros((n, c), dtype=torch.float32, device=values.device)
+        for j in range(self.d + 1):  # the reference's order; its SSE path (> 2 values) scales w by alpha first
+            w = self.weights[:, j, None]
+            out = out + ((w * alpha) * vals[:, j] if c > 2 else (w * vals[:, j]) * alpha)
+        return out
+
+
+class _KeyCoder:
+    """Integer lattice keys (K, d) <-> one int64 each (mixed radix over the keys' range,
+    widened by d + 1 on each side so that every neighbour of a key is representable)."""
+
+    def __init__(self, keys: torch.Tensor):
+        d = keys.shape[1]
+        self.low = keys.min(0).values - (d + 1)
+        span = keys.max(0).values + (d + 1) - self.low + 1
+        self.span = span
+        radix = torch.ones_like(span)
+        for i in range(d - 2, -1, -1):
+            radix[i] = radix[i + 1] * span[i + 1]
+        if float(span.double().log2().sum()) >= 62:
+            raise ValueError("permutohedral lattice keys out of range (features too spread: check the stds)")
+        self.radix = radix
+
+    def encode(self, keys: torch.Tensor, check: bool = False):
+        shifted = keys - self.low
+        codes = (shifted * self.radix).sum(-1)
+        if not check:
+            return codes
+        valid = ((shifted >= 0) & (shifted < self.span)).all(-1)
+        return codes, valid
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        out = []
+        rest = codes
+        for r in self.radix.tolist():
+            out.append(torch.div(rest, r, rounding_mode="floor"))
+            rest = rest - out[-1] * r
+        return torch.stack(out, -1) + self.low
+
+
+class _DenseKernel:
+    """One Gaussian kernel over `features` with symmetric normalisation, as Krähenbühl's
+    DenseKernel (NORMALIZE_SYMMETRIC, the default of pydensecrf)."""
+
+    def __init__(self, features: torch.Tensor, weight: float):
+        self.lattice = Permutohedral(features)
+        ones = torch.ones((features.shape[0], 1), dtype=torch.float32, device=features.device)
+        self.norm = (1.0 / torch.sqrt(self.lattice.filter(ones).double() + 1e-20)).float()  # (N, 1), double there
+        self.weight = weight
+
+    def message(self, q: torch.Tensor) -> torch.Tensor:
+        """q (N, C) -> weight * normalised filtered q (N, C): the Potts message."""
+        return self.weight * (self.lattice.filter(q * self.norm) * self.norm)
+
+
+def crf_kernels(image: torch.Tensor, params: CRFParams = CRFParams()) -> list[_DenseKernel]:
+    """DeepLab's two kernels over an (H, W, 3) image: Gaussian on position (pos_xy_std) and
+    bilateral on position and colour (bi_xy_std, bi_rgb_std), features as pydensecrf's
+    DenseCRF2D builds them (x / s, y / s, rgb / s)."""
+    h, w = image.shape[:2]
+    dev = image.device
+    yy, xx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
+                            torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+
+    def div(t: torch.Tensor, s: float) -> torch.Tensor:  # a true division (a scalar divisor may become a product)
+        return t / torch.full_like(t, s)
+
+    kernels = [_DenseKernel(div(pos, params.pos_xy_std), params.pos_w)]
+    rgb = div(image.reshape(-1, 3).float(), params.bi_rgb_std)
+    kernels.append(_DenseKernel(torch.cat([div(pos, params.bi_xy_std), rgb], 1), params.bi_w))
+    return kernels
+
+
+def dense_crf_full(probs: torch.Tensor, image: torch.Tensor, params: CRFParams = CRFParams(),
+                   clip: float = 1e-5) -> torch.Tensor:
+    """The fully connected CRF (Krähenbühl & Koltun; DeepLab's settings): unary -log(clip(P)),
+    Potts pairwise terms through the two kernels, `params.iterations` mean-field updates
+    Q <- softmax(log P + sum_k w_k K_k Q). probs float (C, H, W); image (H, W, 3) RGB 0..255."""
+    c, h, w = probs.shape
+    unary = probs.float().clamp(clip, 1.0).log().reshape(c, -1).t()     # (N, C) = -energy
+    kernels = crf_kernels(image, params)
+    q = torch.softmax(unary, 1)
+    for _ in range(params.iterations):
+        msg = unary.clone()
+        for k in kernels:
+            msg += k.message(q)
+        q = torch.softmax(msg, 1)
+    return q.t().reshape(c, h, w)

@@ -59,9 +59,12 @@ def segnet1_probs(model: Predictor, images: list[np.ndarray], test_size: int, de
 
 def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device: torch.device, batch: int = 16,
                      scales: tuple[float, ...] = (1.0,), flip: bool = False, progress: bool = False,
-                     conf: ConfusionMatrix | None = None, crf: "CRFParams | None" = None) -> SegScores:
+                     conf: ConfusionMatrix | None = None, crf: "CRFParams | None" = None,
+                     save_dir: Path | None = None) -> SegScores:
     """mIoU of SegNet1 (a Predictor) over a split with ground truth; with `crf`, each image's
-    probabilities are refined by boxseg.crf.dense_crf first."""
+    probabilities are refined by boxseg.crf.dense_crf first. With `save_dir`, each image's
+    predicted labels (after the CRF) are written there as `ID.png` in the VOC palette, the
+    format of the ground truth, so any scorer can check the mIoU."""
     from tqdm import tqdm
 
     from boxseg.crf import dense_crf
@@ -78,7 +81,10 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
                 continue
             if crf is not None:
                 p = dense_crf(p, torch.from_numpy(item.image).to(device), crf)
-            conf.update(p.argmax(0).cpu(), torch.from_numpy(item.mask))
+            pred = p.argmax(0).cpu()
+            if save_dir is not None:
+                write_label_png(save_dir / f"{item.id}.png", pred.numpy().astype(np.uint8))
+            conf.update(pred, torch.from_numpy(item.mask))
     if bad:
         raise NonFiniteOutput(bad, getattr(model, "precision", "fp32"))
     return conf.scores()

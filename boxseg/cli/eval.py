@@ -35,8 +35,13 @@ def iou_table(names: list[str], iou: list) -> str:
 @click.option("--split", default=None, help="Split list (default: val for --model, train for --proposals).")
 @click.option("--flip", is_flag=True, help="Average with the mirrored image.")
 @click.option("--scales", default="1", show_default=True, help="Comma list of test scales, averaged (e.g. 0.75,1,1.25).")
-@click.option("--crf", is_flag=True, help="Refine with boxseg's dense CRF (DeepLab's kernels in an 11x11 window, "
-              "10 mean-field iterations; boxseg.crf).")
+@click.option("--crf", is_flag=True, help="Refine with a dense CRF (DeepLab-v1's settings, 10 mean-field "
+              "iterations; boxseg.crf).")
+@click.option("--crf-method", type=click.Choice(["full", "window"]), default="full", show_default=True,
+              help="full: the fully connected CRF (permutohedral lattice, as Krähenbühl's code); window: the "
+                   "kernels cut to an 11x11 window (faster, no long-range term).")
+@click.option("--save-predictions", "save_dir", type=click.Path(path_type=Path),
+              help="Write each image's predicted labels (after --crf) as ID.png in the VOC palette here.")
 @click.option("--batch", type=int, default=16, show_default=True, help="Images per batch.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Default: fp16 on CUDA, fp32 on CPU (as boxseg-propose).")
@@ -47,8 +52,8 @@ def iou_table(names: list[str], iou: list) -> str:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable images and labels instead of stopping.")
 @threads_option
-def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precision, backend, device, out_dir,
-         skip_bad, threads) -> None:
+def main(model_path, prop_dir, voc_root, split, flip, scales, crf, crf_method, save_dir, batch, precision, backend,
+         device, out_dir, skip_bad, threads) -> None:
     """Print mIoU and the per-class IoU table; with --out also the JSON and the confusion matrix."""
     from boxseg.cli.propose import open_target
     from boxseg.cli.train import resolve_device
@@ -59,6 +64,8 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
         raise click.UsageError("give exactly one of --model and --proposals")
     if crf and prop_dir is not None:
         raise click.UsageError("--crf refines a model's probabilities; proposal folders hold labels only")
+    if save_dir is not None and prop_dir is not None:
+        raise click.UsageError("--save-predictions writes a model's labels; --proposals are labels already")
     try:
         scale_list = tuple(float(s) for s in scales.split(","))
     except ValueError:
@@ -80,6 +87,8 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
         with exit_on_errors():
             if out_dir is not None:
                 output_folder(out_dir)
+            if save_dir is not None:
+                output_folder(save_dir, "--save-predictions")
             target = open_target(voc_root, split, None, None, skip_bad, log)
             conf = ConfusionMatrix(target.images.num_classes)
             res: dict = {"split": split, "data": target.describe}
@@ -94,11 +103,12 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, batch, precis
                                                 f"{target.images.num_classes}")
                 from boxseg.crf import CRFParams
 
-                crf_params = CRFParams() if crf else None
+                crf_params = CRFParams(method=crf_method) if crf else None
                 scores = evaluate_segnet1(pred, target.images, pred.meta["input_size"], dev, batch, scale_list, flip,
-                                          progress=sys.stderr.isatty(), conf=conf, crf=crf_params)
+                                          progress=sys.stderr.isatty(), conf=conf, crf=crf_params, save_dir=save_dir)
                 res.update({"model": str(model_path), "predictor": pred.describe(), "scales": list(scale_list), "flip": flip,
-                            "crf": dataclasses.asdict(crf_params) if crf_params else None})
+                            "crf": dataclasses.asdict(crf_params) if crf_params else None,
+                            "predictions": str(save_dir) if save_dir is not None else None})
             else:
                 from boxseg.inference import score_label_dir
 

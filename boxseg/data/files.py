@@ -218,12 +218,12 @@ def _disk_full(folder: Path) -> bool:
         return False
 
 
-def output_folder(path: Path) -> Path:
+def output_folder(path: Path, option: str = "--out") -> Path:
     """Make `path` an output folder or say why it cannot be one (a file, not creatable, not
     writable)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise DataError(path, "--out names a file, not a folder")
+        raise DataError(path, f"{option} names a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
