@@ -55,6 +55,7 @@ class ProposalConfig:
     class_margin: float = 0.1          # two classes within this -> 255
     merge: str = "ignore"              # "ignore" (METHOD.md) or "order" (reference code)
     batch: int = 64
+    crf: bool = False                  # refine the probabilities inside the boxes with the dense CRF (boxseg.crf)
 
 
 @dataclass(frozen=True)

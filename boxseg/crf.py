@@ -279,3 +279,18 @@ def dense_crf_full(probs: torch.Tensor, image: torch.Tensor, params: CRFParams =
             msg += k.message(q)
         q = torch.softmax(msg, 1)
     return q.t().reshape(c, h, w)
+
+
+def refine_in_boxes(fg: torch.Tensor, inside: torch.Tensor, image: torch.Tensor,
+                    params: CRFParams = CRFParams()) -> torch.Tensor:
+    """SegNet2's proposals refined with the CRF inside their boxes, as BCM and BANA refine
+    box-driven pseudo labels: fg float (K, H, W), each class's foreground probability;
+    inside bool (K, H, W), the union of the class's boxes; image (H, W, 3) RGB. The unary
+    of class k is its probability inside its boxes (0 elsewhere), of background the
+    probability that no covering class holds; returns the refined (K, H, W) marginals, 0
+    outside each class's boxes."""
+    p = torch.where(inside, fg.float(), torch.zeros((), device=fg.device))
+    probs = torch.cat([torch.prod(1 - p, 0, keepdim=True), p])
+    probs = probs / probs.sum(0, keepdim=True)
+    q = dense_crf(probs, image, params)
+    return torch.where(inside, q[1:], torch.zeros((), device=fg.device))

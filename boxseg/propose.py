@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from boxseg.config import ProposalConfig
+from boxseg.crf import CRFParams, refine_in_boxes
 from boxseg.data.boxes import box_pixel_range
 from boxseg.data.coco import encode_rle
 from boxseg.data.files import write_bytes_atomic, write_label_png
@@ -59,8 +60,9 @@ class _Decoded(Dataset):
     Errors are returned as records (not raised in the worker) so the main process reports
     them with the file."""
 
-    def __init__(self, images: ImageSet, indices: list[int], size: int):
+    def __init__(self, images: ImageSet, indices: list[int], size: int, keep_image: bool = False):
         self.dataset, self.ids, self.indices, self.size = images.dataset, images, indices, size
+        self.keep_image = keep_image  # the image itself travels too (the CRF needs it)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -78,9 +80,12 @@ class _Decoded(Dataset):
         boxes = np.asarray(s.boxes, np.float32).reshape(-1, 4)
         ranges = np.array([box_pixel_range(b * lb.scale, self.size, self.size) for b in boxes], np.int64).reshape(-1, 4)
         image_ranges = np.array([box_pixel_range(b, h, w) for b in boxes], np.int64).reshape(-1, 4)
-        return {"index": i, "id": sample_id, "canvas": letterbox(s.image, lb, MEAN_U8), "lb": lb,
-                "boxes": boxes, "labels": labels, "ranges": ranges, "image_ranges": image_ranges,
-                "classes": sorted(set(labels.tolist()))}
+        rec = {"index": i, "id": sample_id, "canvas": letterbox(s.image, lb, MEAN_U8), "lb": lb,
+               "boxes": boxes, "labels": labels, "ranges": ranges, "image_ranges": image_ranges,
+               "classes": sorted(set(labels.tolist()))}
+        if self.keep_image:
+            rec["image"] = s.image
+        return rec
 
 
 def _collate(recs: list[dict]) -> dict:
@@ -189,7 +194,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     cuda = device.type == "cuda"
     if writers is None:
         writers = min(8, max(2, available_cpus() // 2)) if cuda else 2
-    loader = DataLoader(_Decoded(images, todo, size), batch_size=max(1, chunk), collate_fn=_collate,
+    loader = DataLoader(_Decoded(images, todo, size, keep_image=cfg.crf), batch_size=max(1, chunk), collate_fn=_collate,
                         num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=cuda,
                         persistent_workers=False, worker_init_fn=background_worker if not cuda else foreground_worker)
     clock = _Clock(device)
@@ -326,7 +331,11 @@ def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: t
         for g, (rec, j) in enumerate(zip(recs, group)):
             lb, cls = rec["lb"], rec["classes"]
             if cls:
-                probs[g, : len(cls), : lb.h, : lb.w] = unletterbox(entries[j][1], lb)
+                fg = unletterbox(entries[j][1], lb)
+                if cfg.crf:  # the dense CRF inside the boxes (boxseg.crf.refine_in_boxes), image by image
+                    inside = range_masks([rec["image_ranges"][rec["labels"] == c] for c in cls], lb.h, lb.w, device)
+                    fg = refine_in_boxes(fg, inside, torch.from_numpy(rec["image"]).to(device), CRFParams())
+                probs[g, : len(cls), : lb.h, : lb.w] = fg
                 probs_of[j] = probs[g, : len(cls), : lb.h, : lb.w]
             classes[g, : len(cls)] = cls
             ranges += [rec["image_ranges"][rec["labels"] == c] for c in cls]

@@ -127,3 +127,59 @@ def test_eval_crf_flag(world, tmp_path):
     assert any((tmp_path / "pred_plain" / p.name).read_bytes() != p.read_bytes() for p in preds["full"])
     r = CliRunner().invoke(eval_cli, ["--proposals", str(tmp_path), "--voc-root", str(world.voc_root), "--crf"])
     assert r.exit_code == 2 and "--crf refines a model's probabilities" in r.output
+
+
+def test_refine_in_boxes_snaps_a_vague_proposal_to_the_object():
+    """A box around a red square on blue: SegNet2-like probabilities that are vague over the
+    whole box (0.55 everywhere, a little higher at the centre) become the square after the
+    CRF, and stay 0 outside the box."""
+    from boxseg.crf import refine_in_boxes
+    from boxseg.proposals import merge_foreground_torch, range_masks
+
+    h, w = 60, 80
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:] = (40, 60, 200)
+    image[20:40, 30:50] = (210, 40, 40)
+    image = np.clip(image + np.random.default_rng(0).normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    gt = np.zeros((h, w), bool)
+    gt[20:40, 30:50] = True
+    ranges = np.array([[14, 46, 24, 56]])  # rows 14-45, cols 24-55: the square and a margin of 6
+    inside = range_masks([ranges], h, w, torch.device("cpu"))
+    yy, xx = np.mgrid[:h, :w]
+    fg = torch.from_numpy(0.55 + 0.1 * np.exp(-((yy - 30) ** 2 + (xx - 40) ** 2) / 400.0)).float()[None]
+    before = merge_foreground_torch(fg, [3], inside, ranges, np.array([3]), 0.5, 0.0, 0.0).numpy() == 3
+    refined = refine_in_boxes(fg, inside, torch.from_numpy(image))
+    after = merge_foreground_torch(refined, [3], inside, ranges, np.array([3]), 0.5, 0.0, 0.0).numpy() == 3
+    iou = lambda m: (m & gt).sum() / (m | gt).sum()  # noqa: E731
+    assert iou(before) < 0.45 and iou(after) > 0.95, (iou(before), iou(after))
+    assert float(refined[0][~inside[0]].abs().max()) == 0.0
+
+
+def test_propose_crf_flag_records_itself_and_keeps_folders_apart(world, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from boxseg.cli.propose import main as propose_cli
+    from test_propose import S2, _save
+    from boxseg.models.meta import segnet2_meta
+
+    meta = segnet2_meta(S2, 4)
+    ckpt = _save(tmp_path / "s2.pt", meta)
+    base = ["--model", str(ckpt), "--voc-root", str(world.voc_root), "--device", "cpu", "--workers", "0"]
+    r = CliRunner().invoke(propose_cli, [*base, "--out", str(tmp_path / "plain")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(propose_cli, [*base, "--crf", "--out", str(tmp_path / "crf")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "crf" / "manifest.json").read_text())
+    assert manifest["config"]["crf"] is True
+    assert json.loads((tmp_path / "crf" / ".boxseg-propose.json").read_text())["crf"] is True
+    assert "crf" not in json.loads((tmp_path / "plain" / ".boxseg-propose.json").read_text())
+    plain, crf = sorted((tmp_path / "plain").glob("*.png")), sorted((tmp_path / "crf").glob("*.png"))
+    assert [p.name for p in plain] == [p.name for p in crf]
+    assert sum(a.read_bytes() != b.read_bytes() for a, b in zip(plain, crf)) > len(plain) // 2
+    r = CliRunner().invoke(propose_cli, [*base, "--out", str(tmp_path / "crf")])  # without --crf: refused
+    assert r.exit_code == 3 and "crf" in r.output
+    r = CliRunner().invoke(propose_cli, ["--method", "box", "--crf", "--voc-root", str(world.voc_root),
+                                         "--out", str(tmp_path / "box")])
+    assert r.exit_code == 2 and "--crf refines SegNet2" in r.output

@@ -76,12 +76,18 @@ def test_source_reader_exercises_exclusion_and_crowd(world):
     assert len(data["annotations"]) > len(src.coco.dataset["annotations"])
 
 
-def test_box_baseline_in_voc_range_for_default_world(tmp_path):
-    # The default (tiny) world: box-filled labels score 55-70 mIoU like VOC's box baseline.
+def test_default_world_is_calibrated_as_hard_as_voc(tmp_path):
+    """The default (tiny) world: box-filled labels score 55-70 mIoU and GrabCut 60-75 (VOC:
+    about 62 and 65.7), computed at generation, stored and printed; box-centre, scored on
+    the pixels it labels, lies above box-filled."""
     world = write_synth(tmp_path / "w", seed=0, size=SIZES["tiny"])
-    assert 0.55 <= world.box_baseline_miou <= 0.70
+    cal = world.calibration
+    assert 0.55 <= world.box_baseline_miou <= 0.70 and cal["box"] == world.box_baseline_miou
+    assert 0.60 <= cal["grabcut"] <= 0.75 and cal["grabcut_images"] == 100
+    assert cal["box-centre"] > cal["box"]
     meta = json.loads((world.root / "synth.json").read_text())
-    assert meta["box_baseline_miou_train"] == world.box_baseline_miou
+    assert meta["box_baseline_miou_train"] == world.box_baseline_miou and meta["calibration"] == cal
+    assert meta["format"] == 3
 
 
 def test_cli_synth_then_check_both_trees(tmp_path):
@@ -90,7 +96,7 @@ def test_cli_synth_then_check_both_trees(tmp_path):
     r = runner.invoke(data_cli, ["synth", "--out", str(out), "--n-source", "20", "--n-train", "10",
                                  "--n-val", "5", "--workers", "1"])
     assert r.exit_code == 0, r.output
-    assert "box-filled baseline mIoU on target train masks:" in r.output
+    assert "box-filled baseline mIoU on target train masks:" in r.output and "GrabCut" in r.output
     r = runner.invoke(data_cli, ["check", str(out / "voc")])
     assert r.exit_code == 0, r.output
     assert "problems: none" in r.output and "images in train: 10" in r.output

@@ -89,6 +89,9 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
                    "threshold) -> 255.")
 @click.option("--merge", type=click.Choice(["ignore", "order"]), default="ignore", show_default=True,
               help="ignore: METHOD.md's rule; order: the reference code's (no 255).")
+@click.option("--crf", is_flag=True,
+              help="Refine SegNet2's probabilities inside the boxes with the fully connected CRF (DeepLab-v1's "
+                   "settings, boxseg.crf) before the merge rule, as BCM and BANA do.")
 @click.option("--box-centre-fraction", type=float, default=0.5, show_default=True,
               help="box-centre baseline: the inner fraction of each box side labelled with its class; the rest 255.")
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable inputs instead of stopping.")
@@ -99,7 +102,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 @threads_option
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, instances, threshold, margin, class_margin, merge, box_centre_fraction, skip_bad, backend,
+         workers, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad, backend,
          overwrite, threads) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
@@ -119,7 +122,10 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
     dist.init_from_env(dev)
     rank, world = dist.rank_world()
     precision = precision or default_precision(dev)
-    cfg = ProposalConfig(threshold=threshold, margin=margin, class_margin=class_margin, merge=merge, batch=batch)
+    cfg = ProposalConfig(threshold=threshold, margin=margin, class_margin=class_margin, merge=merge, batch=batch,
+                         crf=crf)
+    if crf and method != "learned":
+        raise click.UsageError("--crf refines SegNet2's probabilities (--method learned)")
     log = BadInputLog()
     stop_on_sigterm()
     check_backend_precision(backend, precision)
@@ -186,7 +192,8 @@ def _own_backend(path: Path) -> str | None:
 
 
 def _merge_fields(cfg: ProposalConfig) -> dict:
-    return {"threshold": cfg.threshold, "margin": cfg.margin, "class_margin": cfg.class_margin, "merge": cfg.merge}
+    return {"threshold": cfg.threshold, "margin": cfg.margin, "class_margin": cfg.class_margin, "merge": cfg.merge,
+            **({"crf": True} if cfg.crf else {})}  # absent when off: folders made before the option still match
 
 
 def _claim(out_dir: Path, overwrite: bool, **signature) -> None:

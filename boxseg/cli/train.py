@@ -60,7 +60,10 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
         if old is None or old < SYNTH_FORMAT:
             what = "building" if old is None else f"rebuilding (format {old} < {SYNTH_FORMAT})"
             click.echo(f"{what} the synthetic world ({size}, seed {seed}) in {cache}", err=True)
-            write_synth(cache, seed=seed, size=size_preset(size))
+            from boxseg.cli.data import calibration_line
+
+            world = write_synth(cache, seed=seed, size=size_preset(size))
+            click.echo(calibration_line(world.calibration), err=True)
     dist.barrier()
     return world_paths(cache)
 

@@ -1,11 +1,18 @@
 """The embedded synthetic world: a COCO-format source set and a VOC-format target set.
 
-Objects are class-specific polygons (ellipse, triangle, star, cross, blob, L) painted with a
-class colour pair and texture (plain, stripes, checker, dots) over a cluttered, low-saturation
-background; they occlude each other and may run off the image edge. A class is recognisable
-by its colours, texture and shape; "objectness" (a saturated, coherently textured region
-against grey clutter) is shared by all 80 classes, so a class-agnostic segmenter learned on
-the 60 source classes carries over to the 20 target classes, as on real data.
+Format 3 is made to be as hard as VOC for colour-based methods. Objects are class-specific
+shapes (ellipse, triangle, star, cross, blob with thin limbs, L, ring with a hole, fork with
+thin prongs) painted with 2-3 colours of one palette that the background uses too, in a
+class texture (plain, stripes, checker, dots, patches), shaded, alpha-blended with a blurred
+border, one in eight pulled towards the colours around it (low contrast). The background
+holds camouflage patches (palette colours and object textures with no object), unlabelled
+clutter objects, lines and dots. Objects occlude each other and may run off the image edge.
+A class is recognisable by its shape, texture and colours together; objectness (a coherent,
+textured shape with an outline) is shared by all 80 classes, so a class-agnostic segmenter
+learned on the 60 source classes carries over to the 20 target classes, as on real data.
+Generation scores the baselines on the train masks (`SynthWorld.calibration`): on the
+default world box-filled 58 and GrabCut 66 mIoU (VOC: about 62 and 65.7), where format 2's
+saturated objects on grey clutter gave GrabCut 95.7.
 
 Appearance depends only on the class (fixed seed per COCO id); layouts depend on `seed`, one
 random stream per image, so a world is reproducible and can be generated in parallel.
