@@ -19,6 +19,14 @@ from collections import Counter
 
 ENV = "BOXSEG_FAILPOINT"
 _hits: Counter[str] = Counter()
+_kill_parent = False
+
+
+def kill_parent_too() -> None:
+    """In a helper process of a command (boxseg-propose's writer processes): a failpoint
+    here kills the command too, as a kill of the command would end its helpers."""
+    global _kill_parent
+    _kill_parent = True
 
 
 def failpoint(name: str) -> None:
@@ -31,4 +39,6 @@ def failpoint(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == int(nth or 1):
+        if _kill_parent:
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

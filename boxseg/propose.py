@@ -171,13 +171,16 @@ class _Image:
 def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: ProposalConfig,
             device: torch.device, precision: str = "fp32", workers: int = 0, instances: bool = False,
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
-            progress: bool = False, writers: int | None = None, chunk: int = 16) -> ProposalRun:
+            progress: bool = False, writers: int | None = None, chunk: int = 16,
+            writer_processes: bool | None = None) -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
     image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
     is wrapped in the eager one at `precision`). A bad image raises DataError naming the
     file, or with `skip_bad` is logged in `log` and skipped. `chunk` images are decoded and
-    uploaded together. `writers` threads encode and write (default: 2 on CPU, where they
-    share the cores with the model; on CUDA half the available CPUs, 2 to 8)."""
+    uploaded together. `writers` encode and write (default: 2 on CPU, where they share the
+    cores with the model; on CUDA half the available CPUs, 2 to 8): threads, or with
+    `writer_processes` (default: on CUDA) forked processes fed by one thread each, so that
+    their Python work never holds the GIL the main loop needs between kernel launches."""
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -200,6 +203,15 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     clock = _Clock(device)
     pending: dict[int, _Image] = {}
     queue: list[tuple[int, int]] = []
+    procs = None
+    if cuda if writer_processes is None else writer_processes:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forked now, before the loader's and the pool's threads exist; they die with this process
+        procs = ProcessPoolExecutor(max(1, writers), mp_context=multiprocessing.get_context("fork"),
+                                    initializer=_writer_process)
+        procs.submit(int, 0).result()
     pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write",
                               initializer=lower_priority if not cuda else None)
     slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
@@ -225,7 +237,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         tw = time.perf_counter()
         slots.acquire()
         clock.add("wait_writers", time.perf_counter() - tw)
-        futures.append(pool.submit(_write_batch, out_dir, job, clock, cfg, instances, run, slots, precision))
+        futures.append(pool.submit(_write_batch, out_dir, job, clock, instances, run, slots, precision, procs))
         bar.update(len(done))
 
     def flush(pairs: list[tuple[int, int]]) -> None:
@@ -295,6 +307,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         clock.add("wait_writers", time.perf_counter() - tw)
     finally:
         pool.shutdown(wait=True)
+        if procs is not None:
+            procs.shutdown(wait=True)
         bar.close()
     run.seconds = time.perf_counter() - t0
     # the device's busy share: model + post (+ download on CUDA, timed by events)
@@ -387,12 +401,11 @@ class _Layout:
     images: list  # (rec, instance piece sizes, box crops) per image
 
 
-def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, instances: bool, run: ProposalRun,
-                 slots: threading.Semaphore, precision: str) -> int:
-    """Writer thread: wait for the batch's download (CUDA), split it, write each image's
-    outputs; the PNG goes last since its presence marks the image done. Returns the images
+def _write_batch(out_dir: Path, job: tuple, clock: _Clock, instances: bool, run: ProposalRun,
+                 slots: threading.Semaphore, precision: str, procs=None) -> int:
+    """Writer thread: wait for the batch's download (CUDA), then write its images here or,
+    with `procs`, in a writer process (waiting for it without the GIL). Returns the images
     written."""
-    written = 0
     try:
         host, layout, host_done, times = job
         if host_done is not None:
@@ -403,40 +416,66 @@ def _write_batch(out_dir: Path, job: tuple, clock: _Clock, cfg: ProposalConfig, 
                 clock.add("post", clock.between(t_model[1], t_post))
             clock.add("download", clock.between(t_post, ready))
         buf = host.numpy()
-        n = len(layout.images)
-        nfin = sum(len(rec["classes"]) for rec, _, _ in layout.images)
-        finite_all = buf[:nfin]
-        labels = buf[nfin: nfin + n * layout.hmax * layout.wmax].reshape(n, layout.hmax, layout.wmax)
-        at, fat = nfin + labels.size, 0
-        for j, (rec, sizes, crops) in enumerate(layout.images):
-            pieces = []
-            for size in sizes:
-                pieces.append(buf[at: at + size])
-                at += size
-            k = len(rec["classes"])
-            finite, fat = finite_all[fat: fat + k], fat + k
-            lb = rec["lb"]
-            if not finite.all():
-                for c, ok in zip(rec["classes"], finite.tolist()):
-                    if not ok:
-                        run.failed.append({"id": rec["id"], "class": c, "problem":
-                                           f"non-finite network output at {precision} (overflow?); not written"})
-                continue
-            if instances:
-                scores = pieces[-1].view(np.float32) if crops else np.zeros(0, np.float32)
-                dets = []
-                for q, ((r0, r1, c0, c1), lab, box) in enumerate(zip(crops, rec["labels"], rec["boxes"])):
-                    mask = np.zeros((lb.h, lb.w), bool)
-                    mask[r0:r1, c0:c1] = pieces[q].reshape(r1 - r0, c1 - c0).astype(bool)
-                    score = float(scores[q]) if mask.any() else 0.0
-                    dets.append({"label": int(lab), "box": [round(float(v), 2) for v in box], "score": round(score, 5),
-                                 "segmentation": encode_rle(mask)})
-                write_bytes_atomic(out_dir / "instances" / f"{rec['id']}.json", json.dumps(dets).encode())
-            write_label_png(out_dir / f"{rec['id']}.png", labels[j, : lb.h, : lb.w])
-            written += 1
+        if procs is None:
+            written, failed = _write_outputs(out_dir, buf, layout, instances, precision)
+        else:  # the bytes travel by pipe; the records without the images the CRF used
+            portable = _Layout(layout.hmax, layout.wmax, [({k: v for k, v in rec.items() if k != "image"}, sizes, crops)
+                                                          for rec, sizes, crops in layout.images])
+            written, failed = procs.submit(_write_outputs, out_dir, buf.copy(), portable, instances,
+                                           precision).result()
+        run.failed.extend(failed)
+        return written
     finally:
         slots.release()
-    return written
+
+
+def _writer_process() -> None:
+    """A writer process: dies with the command, yields the CPU to it, and a failpoint inside
+    it kills the whole command (as a kill of the command during that write would)."""
+    from boxseg.faults import kill_parent_too
+    from boxseg.workers import background_worker
+
+    background_worker(0)
+    kill_parent_too()
+
+
+def _write_outputs(out_dir: Path, buf: np.ndarray, layout: _Layout, instances: bool,
+                   precision: str) -> tuple[int, list[dict]]:
+    """Split a batch's bytes and write each image's outputs; the PNG goes last since its
+    presence marks the image done. Returns the images written and the non-finite failures."""
+    written, failed = 0, []
+    n = len(layout.images)
+    nfin = sum(len(rec["classes"]) for rec, _, _ in layout.images)
+    finite_all = buf[:nfin]
+    labels = buf[nfin: nfin + n * layout.hmax * layout.wmax].reshape(n, layout.hmax, layout.wmax)
+    at, fat = nfin + labels.size, 0
+    for j, (rec, sizes, crops) in enumerate(layout.images):
+        pieces = []
+        for size in sizes:
+            pieces.append(buf[at: at + size])
+            at += size
+        k = len(rec["classes"])
+        finite, fat = finite_all[fat: fat + k], fat + k
+        lb = rec["lb"]
+        if not finite.all():
+            for c, ok in zip(rec["classes"], finite.tolist()):
+                if not ok:
+                    failed.append({"id": rec["id"], "class": c, "problem":
+                                   f"non-finite network output at {precision} (overflow?); not written"})
+            continue
+        if instances:
+            scores = pieces[-1].view(np.float32) if crops else np.zeros(0, np.float32)
+            dets = []
+            for q, ((r0, r1, c0, c1), lab, box) in enumerate(zip(crops, rec["labels"], rec["boxes"])):
+                mask = np.zeros((lb.h, lb.w), bool)
+                mask[r0:r1, c0:c1] = pieces[q].reshape(r1 - r0, c1 - c0).astype(bool)
+                score = float(scores[q]) if mask.any() else 0.0
+                dets.append({"label": int(lab), "box": [round(float(v), 2) for v in box], "score": round(score, 5),
+                             "segmentation": encode_rle(mask)})
+            write_bytes_atomic(out_dir / "instances" / f"{rec['id']}.json", json.dumps(dets).encode())
+        write_label_png(out_dir / f"{rec['id']}.png", labels[j, : lb.h, : lb.w])
+        written += 1
+    return written, failed
 
 
 def _reap(futures: list[Future]) -> int:

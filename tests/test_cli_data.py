@@ -43,4 +43,4 @@ def test_check_prints_the_box_baseline_in_percent_as_synth_does(world):
     line = next(l for l in r.output.splitlines() if "box-filled baseline" in l)
     assert line.strip().startswith("box-filled baseline mIoU vs masks (all images with masks), %:")
     # over train and val masks (check) against train masks (synth): close, and both in percent
-    assert 100 * world.box_baseline_miou == __import__("pytest").approx(float(line.split(":")[-1]), abs=0.5)
+    assert 100 * world.box_baseline_miou == __import__("pytest").approx(float(line.split(":")[-1]), abs=2)  # train+val vs train

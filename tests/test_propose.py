@@ -319,3 +319,61 @@ def test_cli_bad_instance_truth_is_named_and_the_proposals_kept(world_copy, tmp_
     m = json.loads((out / "manifest.json").read_text())
     assert f"{sid}.png" in m["quality"]["error"]
     assert m["counts"]["written"] == len(VOCDataset(world_copy.voc_root, "train")) == len(list(out.glob("*.png")))
+
+
+def test_writer_processes_write_the_bytes_of_writer_threads(world, tmp_path):
+    """On CUDA the PNG writers are processes (their Python work off the main loop's GIL);
+    they write exactly what the writer threads write, instance masks included."""
+    meta = segnet2_meta(S2, 4)
+    model = _model(meta, 0)
+    images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
+    runs = {}
+    for procs in (False, True):
+        runs[procs] = propose(model, None, images, tmp_path / str(procs), S2.input_size, ProposalConfig(batch=8),
+                              torch.device("cpu"), "fp32", 0, instances=True, writer_processes=procs, writers=3)
+    assert runs[True].written == runs[False].written == len(images)
+    for pattern in ("*.png", "instances/*.json"):
+        a = sorted((tmp_path / "False").glob(pattern))
+        assert a and [p.read_bytes() for p in a] == [(tmp_path / "True" / p.relative_to(tmp_path / "False")).read_bytes()
+                                                    for p in a]
+
+
+def test_a_kill_inside_a_writer_process_kills_the_command_and_the_rerun_completes(world, tmp_path):
+    """A failpoint in a writer process stands for a kill of the command during that write:
+    the command dies (SIGKILL), nothing under a final name is truncated, and a rerun writes
+    only what is missing, byte-identical to an uninterrupted run."""
+    images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
+    meta = segnet2_meta(S2, 4)
+    ckpt = _save(tmp_path / "s2.pt", meta)
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from boxseg.config import ProposalConfig\n"
+        "from boxseg.data.images import ImageSet\n"
+        "from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset\n"
+        "from boxseg.predict import load_predictor\n"
+        "from boxseg.propose import propose\n"
+        "pred = load_predictor(Path(sys.argv[1]), torch.device('cpu'), 'fp32')\n"
+        "images = ImageSet(VOCDataset(sys.argv[2], 'train'), NUM_VOC_CLASSES)\n"
+        "run = propose(pred, None, images, Path(sys.argv[3]), pred.meta['input_size'], ProposalConfig(batch=4),\n"
+        "              torch.device('cpu'), 'fp32', 0, writer_processes=True, writers=2)\n"
+        "print('written', run.written)\n")
+    env = {**os.environ, "BOXSEG_FAILPOINT": f"write:{images.id(9)}.png@1"}
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    r = subprocess.run([sys.executable, "-c", script, str(ckpt), str(world.voc_root), str(out)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    done = sorted(out.glob("*.png"))
+    assert len(done) < len(images) and not (out / f"{images.id(9)}.png").exists()
+    for p in done:  # whole files only under the final names
+        Image.open(p).load()
+    env.pop("BOXSEG_FAILPOINT")
+    for folder in (out, ref):
+        r = subprocess.run([sys.executable, "-c", script, str(ckpt), str(world.voc_root), str(folder)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        want = len(images) - len(done) if folder == out else len(images)
+        assert f"written {want}\n" in r.stdout, r.stdout  # the rerun wrote only what was missing
+    names = sorted(p.name for p in ref.glob("*.png"))
+    assert names == sorted(p.name for p in out.glob("*.png")) and len(names) == len(images)
+    assert all((ref / n).read_bytes() == (out / n).read_bytes() for n in names)
