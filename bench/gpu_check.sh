@@ -10,7 +10,8 @@
 # Steps, most important first; each has a time limit and the whole run a budget, so the
 # tarball is always written; steps.txt says how each ended (rc 124 = its limit).
 #   data, e2e       boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
-#                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor
+#                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor, writer processes
+#   e2e_threads     the same with writer threads (the GIL hypothesis: bench/results/gpu_h200_20261127_b)
 #   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
 #   head_eager      SegNet1 (paper @321), batch 64, fp16: eager torch, channels_last and contiguous
@@ -19,6 +20,7 @@
 #   head_aoti       the headline cell through an AOTInductor package (max-autotune)
 #   tables          both networks, eager/onnxruntime/tensorrt, batch 1 and 64, fp16 and fp32
 #   tables_compile  both networks through compile (reduce-overhead) and aoti, batch 1 and 64
+#   crf             the fully connected CRF (boxseg.crf) on a 375x500 image, 21 classes, on CUDA
 #   aoti_tiny       the AOTInductor export of the tiny SegNet1 under faulthandler, phases timed
 # Each step writes its own results, so a step cut by its limit loses only itself.
 # GPU_CHECK_ONLY="head_aoti tables" runs only the named steps (a second call for the rest).
@@ -61,6 +63,7 @@ B="$PY -m boxseg.cli.bench --device cuda --out $R"
 step data 45 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 8 --n-source 8 --workers 12
 E="--model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10"
 step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
+step e2e_threads 60 $B $E --backends torch --writers threads --tag segnet2_512_e2e_threads
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
 step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R
 H="--model segnet1 --preset paper --size 321 --batch 64 --precision fp16 --warmup 5 --iters 30"
@@ -75,6 +78,16 @@ step tables 90 bash -c "$B --model segnet1 --preset paper --size 321 $T --backen
 step tables_compile 150 bash -c "$B --model segnet1 --preset paper --size 321 $T --backends compile,aoti --compile-mode reduce-overhead \
     --tag segnet1_321_table_compiled && $B --model segnet2 --preset paper $T --backends compile,aoti \
     --compile-mode reduce-overhead --tag segnet2_512_table_compiled"
+step crf 60 $PY -c "
+import time, torch
+from boxseg.crf import dense_crf_full
+torch.manual_seed(0)
+img = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, device='cuda')
+probs = torch.nn.functional.interpolate(torch.randn(1, 21, 48, 64, device='cuda') * 3, size=(375, 500), mode='bilinear')[0].softmax(0)
+for k in range(3):
+    torch.cuda.synchronize(); t = time.perf_counter(); q = dense_crf_full(probs, img); torch.cuda.synchronize()
+    print('fully connected CRF, 375x500, 21 classes, 10 iterations, CUDA:', round(time.perf_counter() - t, 3), 's')
+"
 step aoti_tiny 60 $PY -c "
 import torch, time
 from boxseg.config import preset

@@ -10,11 +10,15 @@ The pipeline is a chain of stages with bounded queues:
             the score-map channel (SegNet1, once per image) built on the device, SegNet2
             through its Predictor (any backend);
   post      on the device: softmax, exact un-letterbox to the image's size, the merge rule
-            (`merge_foreground_torch`, byte-identical to the numpy reference) and per-box
-            instance masks, for every image whose pairs are all done;
+            (`merge_foreground_batch`, byte-identical to the numpy reference; on CUDA all of
+            a batch's finished images at once over padded tensors) and per-box instance
+            masks, for every image whose pairs are all done; with `cfg.crf` the fully
+            connected CRF refines each image's probabilities inside its boxes first;
   download  one device-to-host copy per batch of all its finished images' uint8 outputs;
-  write     a thread pool encodes the PNGs (Pillow releases the GIL while encoding) and
-            writes them atomically; at most `2 x writers` batches wait for it, so memory
+  write     writers encode the PNGs and write them atomically: threads on CPU (Pillow
+            releases the GIL while encoding); on CUDA forked processes, each fed by a thread
+            that waits without the GIL, since the writers' Python work held up the main
+            loop's kernel launches; at most `2 x writers` batches wait for them, so memory
             stays bounded whatever the set size.
 On CUDA every device stage is queued asynchronously, so the host work of batch n (writing)
 overlaps the device work of batch n+1. `ProposalRun.timing` says where the wall time went.
