@@ -1,6 +1,6 @@
 """The README's main job, checked against the claims the README makes of it.
 
-Slow (about 16 min on 2 CPU cores): `python -m pytest -m slow tests/test_default_run.py`. The
+Slow (15 min on 2 CPU cores): `python -m pytest -m slow tests/test_default_run.py`. The
 synthetic world is built in the pytest temp folder unless BOXSEG_CACHE points at a cache.
 """
 
