@@ -207,6 +207,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     clock = _Clock(device)
     pending: dict[int, _Image] = {}
     queue: list[tuple[int, int]] = []
+    t0 = time.perf_counter()  # the writer processes' start counts too
     procs = None
     if cuda if writer_processes is None else writer_processes:
         import multiprocessing
@@ -221,7 +222,6 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
     futures: list[Future] = []
     bar = tqdm(total=len(todo), desc="proposals", unit="img", disable=not progress, leave=False)
-    t0 = time.perf_counter()
 
     def post(done: list[int], t_model) -> None:
         """Device post-processing of the finished images, one download, hand to the writers."""
