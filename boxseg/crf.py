@@ -181,19 +181,18 @@ class Permutohedral:
         """values float32 (N, C) -> (N, C): splat, blur along every axis, slice."""
         n, c = values.shape
         lat = torch.zeros((self.m + 1, c), dtype=torch.float32, device=values.device)  # row 0: "not found"
-        idx = self.offsets.reshape(-1) + 1
-        lat.index_add_(0, idx, (self.weights[:, :, None] * values[:, None, :]).reshape(-1, c))
+        lat.index_add_(0, self.offsets.reshape(-1) + 1, (self.weights[:, :, None] * values[:, None, :]).reshape(-1, c))
+        new = torch.zeros_like(lat)
         order = range(self.d, -1, -1) if reverse else range(self.d + 1)
         for j in order:
             n1, n2 = self.neighbours[j]
-            blurred = lat[1:] + 0.5 * (lat[n1] + lat[n2])
-            lat = torch.cat([lat[:1], blurred])
+            torch.add(lat[1:], 0.5 * (lat[n1] + lat[n2]), out=new[1:])
+            lat, new = new, lat
         alpha = float(np.float32(1.0) / np.float32(1.0 + 2.0 ** (-self.d)))
-        vals = lat[idx].view(n, self.d + 1, c)
         out = torch.zeros((n, c), dtype=torch.float32, device=values.device)
         for j in range(self.d + 1):  # the reference's order; its SSE path (> 2 values) scales w by alpha first
-            w = self.weights[:, j, None]
-            out = out + ((w * alpha) * vals[:, j] if c > 2 else (w * vals[:, j]) * alpha)
+            w, v = self.weights[:, j, None], lat[self.offsets[:, j] + 1]
+            out += (w * alpha) * v if c > 2 else (w * v) * alpha
         return out
 
 
