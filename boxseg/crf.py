@@ -177,14 +177,13 @@ class Permutohedral:
         found = valid & (self.lattice[at] == codes)
         return torch.where(found, at + 1, torch.zeros_like(at))
 
-    def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    def filter(self, values: torch.Tensor) -> torch.Tensor:
         """values float32 (N, C) -> (N, C): splat, blur along every axis, slice."""
         n, c = values.shape
         lat = torch.zeros((self.m + 1, c), dtype=torch.float32, device=values.device)  # row 0: "not found"
         lat.index_add_(0, self.offsets.reshape(-1) + 1, (self.weights[:, :, None] * values[:, None, :]).reshape(-1, c))
         new = torch.zeros_like(lat)
-        order = range(self.d, -1, -1) if reverse else range(self.d + 1)
-        for j in order:
+        for j in range(self.d + 1):
             n1, n2 = self.neighbours[j]
             torch.add(lat[1:], 0.5 * (lat[n1] + lat[n2]), out=new[1:])
             lat, new = new, lat

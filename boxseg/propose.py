@@ -52,7 +52,7 @@ from boxseg.faults import failpoint
 from boxseg.threads import available_cpus
 from boxseg.workers import background_worker, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
-from boxseg.predict.image import Letterbox, letterbox, letterbox_params, unletterbox
+from boxseg.predict.image import letterbox, letterbox_params, unletterbox
 from boxseg.proposals import merge_foreground_batch, merge_foreground_torch, range_masks
 from boxseg.train.segnet2 import segnet2_inputs
 
@@ -425,8 +425,8 @@ def _write_batch(out_dir: Path, job: tuple, clock: _Clock, instances: bool, run:
         else:  # the bytes travel by pipe; the records without the images the CRF used
             portable = _Layout(layout.hmax, layout.wmax, [({k: v for k, v in rec.items() if k != "image"}, sizes, crops)
                                                           for rec, sizes, crops in layout.images])
-            written, failed = procs.submit(_write_outputs, out_dir, buf.copy(), portable, instances,
-                                           precision).result()
+            # `host` stays alive (and its pinned buffer unreused) until the process has the bytes
+            written, failed = procs.submit(_write_outputs, out_dir, buf, portable, instances, precision).result()
         run.failed.extend(failed)
         return written
     finally:

@@ -46,14 +46,18 @@ TEXTURES = ("plain", "stripes", "checker", "dots", "patches")
 # A cached world of an older format is rebuilt (the same seed gives the same images).
 SYNTH_FORMAT = 3
 
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return (r * 255.0, g * 255.0, b * 255.0)
+
+
 # One palette for objects and background alike (format 3): no colour belongs to objects only,
 # so a colour model of "object" against "background" inside a box is often wrong, as on VOC.
-PALETTE = tuple(tuple(float(c) for c in colorsys.hsv_to_rgb(hh, ss, vv)) for hh, ss, vv in (
+PALETTE = tuple(_hsv(*hsv) for hsv in (
     (0.00, 0.75, 0.80), (0.07, 0.70, 0.85), (0.13, 0.65, 0.90), (0.25, 0.55, 0.60), (0.33, 0.60, 0.55),
     (0.45, 0.50, 0.65), (0.55, 0.60, 0.75), (0.62, 0.65, 0.55), (0.72, 0.45, 0.60), (0.83, 0.50, 0.70),
     (0.08, 0.35, 0.45), (0.10, 0.15, 0.75), (0.00, 0.00, 0.25), (0.60, 0.10, 0.50), (0.15, 0.30, 0.35),
     (0.95, 0.35, 0.55)))
-PALETTE = tuple(tuple(255.0 * c for c in col) for col in PALETTE)
 @dataclass(frozen=True)
 class SynthSize:
     n_source: int    # COCO source images
@@ -87,11 +91,6 @@ class Appearance:
     tex_angle: float
     shape_param: float  # star inner radius / cross or fork arm width / blob roughness / ring hole
     limbs: int          # thin appendages (1-3 px wide)
-
-
-def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
-    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
-    return (r * 255.0, g * 255.0, b * 255.0)
 
 
 def class_appearance(coco_id: int) -> Appearance:
