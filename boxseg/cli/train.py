@@ -89,7 +89,9 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad inputs instead of stopping.")
 @click.option("--overwrite", is_flag=True,
               help="Start --out afresh: delete the config, stages, proposals and results an earlier run left there.")
-@click.option("--deterministic", is_flag=True, help="torch deterministic algorithms (bitwise reproducible on CPU).")
+@click.option("--deterministic", is_flag=True,
+              help="torch deterministic algorithms; bitwise reproducible on CPU with --threads 1 (with more threads "
+                   "a rare run has been seen to differ).")
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes (config workers).")
 @click.option("--seed", type=int, help="Seed of every stage (config seed; stage seeds derive from it).")
 @click.option("--infer-backend", type=click.Choice(["torch", "compile"]),

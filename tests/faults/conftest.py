@@ -105,8 +105,13 @@ def assert_no_partial_files(root: Path) -> list[Path]:
 
 
 # boxseg-train on the session's small world: 2 rounds, a few iterations per stage, checkpoints
-# every 2 iterations, deterministic (bitwise reproducible on CPU).
-FAST = ["--preset", "tiny", "--rounds", "2", "--deterministic", "--set", "baselines=[]",
+# every 2 iterations, deterministic, and on one intra-op thread. With two threads, about one
+# training process in 30 inside this suite trained its first stage differently from the same
+# command run before (loss at iteration 3: 0.756599 and 0.756718 instead of 0.756617; the
+# first two iterations equal); never in 224 runs of the same command outside the suite, nor
+# in 500 repeats of that stage in one process. The cause was not found; one thread leaves
+# no reduction split or thread timing to chance.
+FAST = ["--preset", "tiny", "--rounds", "2", "--deterministic", "--threads", "1", "--set", "baselines=[]",
         "--set", "segnet1.iters=5", "--set", "segnet2.iters=5", "--set", "segnet2.iters_next=4",
         "--set", "checkpoint_every=2", "--set", "segnet1.batch=4", "--set", "segnet2.batch=4"]
 
