@@ -11,14 +11,17 @@
 # tarball is always written; steps.txt says how each ended (rc 124 = its limit).
 #   data, e2e       boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
 #                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor, writer processes
+#   e2e_cudagraph   the same with the cudagraph Predictor (the eager network replayed as one CUDA graph
+#                   a batch: the model stage without its ~300 launches a batch)
 #   e2e_threads     the same with writer threads (the GIL hypothesis: bench/results/gpu_h200_20261127_b)
 #   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
-#   head_eager      SegNet1 (paper @321), batch 64, fp16: eager torch, channels_last and contiguous
+#   head_eager      SegNet1 (paper @321), batch 64, fp16: eager torch, channels_last and contiguous, and
+#                   the cudagraph Predictor
 #   tests           pytest -m gpu (fp16 vs fp32 labels per backend, propose CUDA vs CPU)
 #   head_compile    the headline cell through the compile Predictor (reduce-overhead: CUDA graphs)
 #   head_aoti       the headline cell through an AOTInductor package (max-autotune)
-#   tables          both networks, eager/onnxruntime/tensorrt, batch 1 and 64, fp16 and fp32
+#   tables          both networks, eager/cudagraph/onnxruntime/tensorrt, batch 1 and 64, fp16 and fp32
 #   tables_compile  both networks through compile (reduce-overhead) and aoti, batch 1 and 64
 #   crf             the fully connected CRF (boxseg.crf) on a 375x500 image, 21 classes, on CUDA
 #   aoti_tiny       the AOTInductor export of the tiny SegNet1 under faulthandler, phases timed
@@ -63,17 +66,18 @@ B="$PY -m boxseg.cli.bench --device cuda --out $R"
 step data 45 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 8 --n-source 8 --workers 12
 E="--model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10"
 step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
+step e2e_cudagraph 90 $B $E --backends cudagraph --tag segnet2_512_e2e_cudagraph
 step e2e_threads 60 $B $E --backends torch --writers threads --tag segnet2_512_e2e_threads
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
 step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R
 H="--model segnet1 --preset paper --size 321 --batch 64 --precision fp16 --warmup 5 --iters 30"
-step head_eager 45 $B $H --backends torch,torch-cl,torch-nchw --tag segnet1_321_head_eager
+step head_eager 60 $B $H --backends torch,torch-cl,torch-nchw,cudagraph --tag segnet1_321_head_eager
 step tests 150 $PY -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -rs --durations=0
 step head_compile 120 $B $H --backends compile --tag segnet1_321_head_compile
 step head_aoti 150 $B $H --backends aoti --tag segnet1_321_head_aoti
 T="--batch 1,64 --precision fp16,fp32 --warmup 3 --iters 10"
-step tables 90 bash -c "$B --model segnet1 --preset paper --size 321 $T --backends torch,torch-cl,torch-nchw,onnxruntime,tensorrt \
-    --tag segnet1_321_table && $B --model segnet2 --preset paper $T --backends torch,torch-cl,torch-nchw,onnxruntime,tensorrt \
+step tables 90 bash -c "$B --model segnet1 --preset paper --size 321 $T --backends torch,torch-cl,torch-nchw,cudagraph,onnxruntime,tensorrt \
+    --tag segnet1_321_table && $B --model segnet2 --preset paper $T --backends torch,torch-cl,torch-nchw,cudagraph,onnxruntime,tensorrt \
     --tag segnet2_512_table"
 step tables_compile 150 bash -c "$B --model segnet1 --preset paper --size 321 $T --backends compile,aoti --compile-mode reduce-overhead \
     --tag segnet1_321_table_compiled && $B --model segnet2 --preset paper $T --backends compile,aoti \

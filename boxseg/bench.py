@@ -100,10 +100,12 @@ def make_predictor(backend: str, model: torch.nn.Module, meta: dict, precision: 
     not. torch-cl / torch-nchw are the eager Predictor with its memory format forced (the
     measurement behind `memory_format_for`)."""
     from boxseg.predict import load_predictor
-    from boxseg.predict.torch_backends import CompiledPredictor, TorchPredictor
+    from boxseg.predict.torch_backends import CompiledPredictor, CUDAGraphPredictor, TorchPredictor
 
     if backend in ("torch", "torch-cl", "torch-nchw"):
         return TorchPredictor(model, meta, device, precision, batch, VARIANTS.get(backend))
+    if backend == "cudagraph":
+        return CUDAGraphPredictor(model, meta, device, precision, batch)
     if backend == "compile":
         return CompiledPredictor(model, meta, device, precision, batch, compile_mode)
     if precision == "bf16":
@@ -135,7 +137,7 @@ def make_predictor(backend: str, model: torch.nn.Module, meta: dict, precision: 
         engine = workdir / f"{stem}_b{batch}.engine"
         build_engine(onnx_path, meta, engine, fp16, batch)
         return load_predictor(engine, device, precision, batch=batch)
-    raise ValueError(f"unknown backend {backend!r}; expected one of torch, torch-cl, torch-nchw, compile, "
+    raise ValueError(f"unknown backend {backend!r}; expected one of torch, torch-cl, torch-nchw, cudagraph, compile, "
                      f"onnxruntime, aoti, tensorrt")
 
 

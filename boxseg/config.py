@@ -245,7 +245,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
                                              f"scaling underflows gradients; bf16 has fp32's range)")
     need(cfg.workers >= 0, "workers", f"must be >= 0, not {cfg.workers}")
     need(cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, not {cfg.checkpoint_every}")
-    need(cfg.infer_backend in ("torch", "compile"), "infer_backend", f"must be torch or compile, not {cfg.infer_backend!r}")
+    need(cfg.infer_backend in ("torch", "cudagraph", "compile"), "infer_backend",
+         f"must be torch, cudagraph or compile, not {cfg.infer_backend!r}")
     need(cfg.infer_precision in ("auto", "fp32", "fp16", "bf16"), "infer_precision",
          f"must be auto, fp32, fp16 or bf16, not {cfg.infer_precision!r}")
     need(0 < cfg.box_centre_fraction <= 1, "box_centre_fraction", f"must be in (0, 1], not {cfg.box_centre_fraction}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import boxseg
@@ -59,3 +60,15 @@ def test_bf16_with_an_exported_backend_is_a_usage_error(tmp_path):
         r = CliRunner().invoke(cmd, ["--backend", "onnxruntime", "--precision", "bf16", "--device", "cpu",
                                      "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o")])
         assert r.exit_code == 2 and "runs fp32 or fp16 artifacts, not bf16" in r.output, r.output
+
+
+def test_cudagraph_without_cuda_is_a_usage_error(tmp_path):
+    """It replays CUDA graphs: on the CPU every command says so before reading anything."""
+    for cmd in (propose.main, eval.main):
+        r = CliRunner().invoke(cmd, ["--backend", "cudagraph", "--device", "cpu",
+                                     "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and "cudagraph replays CUDA graphs and needs a CUDA device, not cpu" in r.output, r.output
+    from boxseg.predict.torch_backends import CUDAGraphPredictor
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        CUDAGraphPredictor(torch.nn.Conv2d(4, 2, 1), {"kind": "segnet2", "input_size": 16}, torch.device("cpu"), "fp32")

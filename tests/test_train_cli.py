@@ -143,3 +143,8 @@ def test_a_field_added_by_a_newer_boxseg_does_not_block_a_resume():
 def test_sync_batch_norm_without_cuda_is_refused(world, tmp_path):
     r = CliRunner().invoke(train_cli, _args(world, tmp_path / "r", "--set", "sync_batch_norm=true", "--device", "cpu"))
     assert r.exit_code == 2 and "sync_batch_norm needs CUDA" in r.output, r.output
+
+
+def test_cudagraph_rounds_without_cuda_are_refused(world, tmp_path):
+    r = CliRunner().invoke(train_cli, _args(world, tmp_path / "r", "--infer-backend", "cudagraph", "--device", "cpu"))
+    assert r.exit_code == 2 and "infer_backend cudagraph needs a CUDA device, not cpu" in r.output, r.output

@@ -82,8 +82,12 @@ def exit_on_errors():
         no_space(e)
 
 
-def check_backend_precision(backend: str | None, precision: str) -> None:
-    """Exported artifacts are fp32 or fp16: bf16 runs with the torch and compile backends."""
+def check_backend_precision(backend: str | None, precision: str, device=None) -> None:
+    """Exported artifacts are fp32 or fp16: bf16 runs with the torch backends. cudagraph
+    needs a CUDA device."""
     if backend in ("onnxruntime", "aoti", "tensorrt") and precision == "bf16":
-        raise click.BadParameter(f"backend {backend} runs fp32 or fp16 artifacts, not bf16 (bf16: torch or compile)",
-                                 param_hint="--precision")
+        raise click.BadParameter(f"backend {backend} runs fp32 or fp16 artifacts, not bf16 (bf16: torch, cudagraph "
+                                 f"or compile)", param_hint="--precision")
+    if backend == "cudagraph" and device is not None and device.type != "cuda":
+        raise click.BadParameter(f"backend cudagraph replays CUDA graphs and needs a CUDA device, not {device} "
+                                 f"(torch or compile run there)", param_hint="--backend")

@@ -42,7 +42,7 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--size", type=int, help="Input side (default: the preset's: SegNet1 test_size, SegNet2 input_size).")
 @click.option("--backends", default=None,
               help="Comma list of torch (the Predictor's own memory format), torch-cl / torch-nchw (eager with "
-                   "channels_last / contiguous forced), compile, aoti, onnxruntime, tensorrt. Default: "
+                   "channels_last / contiguous forced), cudagraph (CUDA), compile, aoti, onnxruntime, tensorrt. Default: "
                    "torch,torch-cl,onnxruntime; with --e2e: torch.")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @click.option("--precision", "precisions", default="fp32", show_default=True, help="Comma list of fp32, fp16, bf16.")

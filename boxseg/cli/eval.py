@@ -46,8 +46,9 @@ def iou_table(names: list[str], iou: list) -> str:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Default: fp16 on CUDA, fp32 on CPU (as boxseg-propose).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). A checkpoint "
-                   "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
+              help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). cudagraph "
+                   "(CUDA only) replays the eager network as a CUDA graph. A checkpoint with onnxruntime, aoti "
+                   "or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write results.json, per_class.md, confusion.png here.")
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable images and labels instead of stopping.")
@@ -82,7 +83,7 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, crf_method, s
     log = BadInputLog()
     t0 = time.perf_counter()
     stop_on_sigterm()
-    check_backend_precision(backend, precision)
+    check_backend_precision(backend, precision, dev)
     try:
         with exit_on_errors():
             if out_dir is not None:

@@ -96,8 +96,9 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="box-centre baseline: the inner fraction of each box side labelled with its class; the rest 255.")
 @click.option("--skip-bad", is_flag=True, help="Skip and list unreadable inputs instead of stopping.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). A checkpoint "
-                   "with onnxruntime, aoti or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
+              help="Predictor backend (default: the model file's own; a checkpoint runs eagerly). cudagraph "
+                   "(CUDA only) replays the eager network as a CUDA graph. A checkpoint with onnxruntime, aoti "
+                   "or tensorrt is exported once into $BOXSEG_CACHE/artifacts.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 @threads_option
@@ -128,7 +129,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
         raise click.UsageError("--crf refines SegNet2's probabilities (--method learned)")
     log = BadInputLog()
     stop_on_sigterm()
-    check_backend_precision(backend, precision)
+    check_backend_precision(backend, precision, dev)
     with exit_on_errors():
         output_folder(out_dir)
         target = open_target(voc_root, split, coco_ann, coco_images, skip_bad, log)

@@ -94,7 +94,7 @@ def synth_world(size: str, seed: int) -> tuple[Path, Path, Path]:
                    "a rare run has been seen to differ).")
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes (config workers).")
 @click.option("--seed", type=int, help="Seed of every stage (config seed; stage seeds derive from it).")
-@click.option("--infer-backend", type=click.Choice(["torch", "compile"]),
+@click.option("--infer-backend", type=click.Choice(["torch", "cudagraph", "compile"]),
               help="Predictor for the proposals and val scores between rounds (config infer_backend; default torch).")
 @click.option("--infer-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Their precision (config infer_precision; default auto: fp16 on CUDA, fp32 on CPU, as boxseg-propose).")
@@ -155,6 +155,10 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     if cfg.sync_batch_norm and dev.type != "cuda":
         dist.shutdown()
         raise click.BadParameter("sync_batch_norm needs CUDA devices (torch's SyncBatchNorm)", param_hint="--set")
+    if cfg.infer_backend == "cudagraph" and dev.type != "cuda":
+        dist.shutdown()
+        raise click.BadParameter(f"infer_backend cudagraph needs a CUDA device, not {dev}",
+                                 param_hint="--infer-backend")
     world = dist.rank_world()[1]
     for field, b in (("segnet1.batch", cfg.segnet1.batch), ("segnet2.batch", cfg.segnet2.batch)):
         if b % world:  # the batch is global: each of the world's processes takes batch / world

@@ -1,7 +1,8 @@
 """`load_predictor`: the Predictor for a checkpoint or an exported artifact.
 
   *.pt / *.pth    a boxseg checkpoint (weights_only=True): backend "torch" (eager, the
-                  default) or "compile" (torch.compile over fixed batch shapes)
+                  default), "cudagraph" (eager, replayed as a CUDA graph; CUDA only) or
+                  "compile" (torch.compile over fixed batch shapes)
   *.onnx          onnxruntime, providers passed explicitly and the one in use checked
   *.engine/.plan  TensorRT (where the tensorrt package imports)
   *.pt2           an AOTInductor package
@@ -21,8 +22,8 @@ from boxseg.errors import DataError
 from boxseg.models.meta import load_checkpoint_model, validate_meta
 from boxseg.predict.base import Predictor, check_precision
 
-BACKENDS = ("torch", "compile", "onnxruntime", "aoti", "tensorrt")
-CHECKPOINT_BACKENDS = ("torch", "compile")
+BACKENDS = ("torch", "cudagraph", "compile", "onnxruntime", "aoti", "tensorrt")
+CHECKPOINT_BACKENDS = ("torch", "cudagraph", "compile")
 
 
 def artifact_backend(path: Path) -> str:
@@ -53,11 +54,11 @@ def read_sidecar_meta(path: Path, expect_kind: str | None) -> dict:
 def torch_predictor(model: torch.nn.Module, meta: dict, device: torch.device | str, precision: str,
                     backend: str = "torch", batch: int = 64) -> Predictor:
     """A Predictor around a torch module in memory (the training rounds' networks)."""
-    from boxseg.predict.torch_backends import CompiledPredictor, TorchPredictor
+    from boxseg.predict.torch_backends import CompiledPredictor, CUDAGraphPredictor, TorchPredictor
 
     if backend not in CHECKPOINT_BACKENDS:
-        raise ValueError(f"a network in memory runs with backend torch or compile, not {backend!r}")
-    cls = CompiledPredictor if backend == "compile" else TorchPredictor
+        raise ValueError(f"a network in memory runs with backend torch, cudagraph or compile, not {backend!r}")
+    cls = {"compile": CompiledPredictor, "cudagraph": CUDAGraphPredictor}.get(backend, TorchPredictor)
     return cls(model, meta, torch.device(device), precision, batch)
 
 
@@ -75,7 +76,7 @@ def as_predictor(model, kind: str, input_size: int, device: torch.device | str, 
 def load_predictor(artifact: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
                    backend: str | None = None, expect_kind: str | None = None, batch: int = 64) -> Predictor:
     """The Predictor for a checkpoint or exported artifact. `backend` None takes the file's
-    own (a checkpoint: eager torch); a checkpoint also runs with "compile". `expect_kind`
+    own (a checkpoint: eager torch); a checkpoint also runs with "cudagraph" and "compile". `expect_kind`
     (segnet1|segnet2) refuses the wrong model before any inference. `batch` is the largest
     batch the consumer sends (the fixed shape of compile)."""
     path = Path(artifact)
@@ -89,7 +90,7 @@ def load_predictor(artifact: str | Path, device: torch.device | str = "cpu", pre
     if own == "torch":
         backend = backend or "torch"
         if backend not in CHECKPOINT_BACKENDS:
-            raise DataError(path, f"a checkpoint runs with backend torch or compile; for {backend} export it "
+            raise DataError(path, f"a checkpoint runs with backend torch, cudagraph or compile; for {backend} export it "
                                   f"first (boxseg-export), or let boxseg-propose/boxseg-eval --backend {backend} do it")
         model, meta = load_checkpoint_model(path, expect_kind)
         return torch_predictor(model, meta, device, precision, backend, batch)

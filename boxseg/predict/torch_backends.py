@@ -1,5 +1,6 @@
-"""The torch backends: eager (`torch`) and `compile` (torch.compile over fixed batch shapes;
-on CUDA in reduce-overhead mode, which replays CUDA graphs)."""
+"""The torch backends: eager (`torch`), `cudagraph` (the eager network captured in a CUDA
+graph per batch shape) and `compile` (torch.compile over fixed batch shapes; on CUDA in
+reduce-overhead mode, which replays CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,60 @@ class CompiledPredictor(TorchPredictor):
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         return self.compiled(self.prepare(x))
+
+
+class CUDAGraphPredictor(TorchPredictor):
+    """The eager network captured once in a CUDA graph (torch.cuda.graph) and replayed: the
+    same kernels as `torch` (cuDNN's choice is made in the warm-up runs before the capture),
+    so the same logits, but one launch per batch instead of one per kernel. Inside
+    boxseg-propose on an H200 the model stage (inputs and the eager paper SegNet2) took 46 ms
+    a batch against the network's 14.2 ms alone, the device waiting for the host to queue
+    81 convolutions a batch and their elementwise ops (bench/results/gpu_h200_20261127_a, _b);
+    a replay takes that host work away without torch.compile's compile time. CUDA only. Every input is padded to the full batch (one
+    graph a run); the input is copied into the graph's own buffer (cast and laid out in the
+    same copy) and the output is the graph's buffer, copied by Predictor.__call__ before the
+    next replay."""
+
+    backend = "cudagraph"
+    reuses_outputs = True
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device, precision: str, batch: int = 64,
+                 memory_format: torch.memory_format | None = None, warmup: int = 3):
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"backend cudagraph needs a CUDA device (CUDA graphs), not {device}; "
+                             f"use torch or compile there")
+        super().__init__(model, meta, device, precision, batch, memory_format)
+        self.max_batch = self.batch
+        self.warmup = warmup
+        self.graphs: dict[tuple, tuple] = {}  # input shape -> (graph, input buffer, output buffer)
+        self.pool = None                      # one memory pool shared by the graphs
+
+    def padded_size(self, n: int) -> int:
+        return self.batch
+
+    def _capture(self, x: torch.Tensor) -> tuple:
+        static_in = torch.empty(x.shape, dtype=self.dtype, device=self.device).contiguous(
+            memory_format=self.memory_format)
+        static_in.copy_(x)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN autotuning, lazy inits
+            for _ in range(self.warmup):
+                self.model(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pin-memory thread and the writers keep using CUDA
+        # during the capture, which the default (global) mode would refuse
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            static_out = self.model(static_in)
+        self.pool = graph.pool()
+        return graph, static_in, static_out
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
