@@ -76,10 +76,12 @@ class CUDAGraphPredictor(TorchPredictor):
     boxseg-propose on an H200 the model stage (inputs and the eager paper SegNet2) took 46 ms
     a batch against the network's 14.2 ms alone, the device waiting for the host to queue
     81 convolutions a batch and their elementwise ops (bench/results/gpu_h200_20261127_a, _b);
-    a replay takes that host work away without torch.compile's compile time. CUDA only. Every input is padded to the full batch (one
-    graph a run); the input is copied into the graph's own buffer (cast and laid out in the
-    same copy) and the output is the graph's buffer, copied by Predictor.__call__ before the
-    next replay."""
+    a replay takes that host work away without torch.compile's compile time. CUDA only.
+    Every input is padded to the full batch (one graph a run; a short last batch thus runs
+    at the full batch's shape, where eager runs it at its own and cuDNN may choose other
+    kernels); the input is copied into the graph's own buffer (cast and laid out in the same
+    copy) and the output is the graph's buffer, copied by Predictor.__call__ before the next
+    replay."""
 
     backend = "cudagraph"
     reuses_outputs = True
@@ -117,10 +119,11 @@ class CUDAGraphPredictor(TorchPredictor):
         return graph, static_in, static_out
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        key = tuple(x.shape)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(x)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
+        with torch.cuda.device(self.device):  # capture and replay on this Predictor's GPU (torchrun shards)
+            key = tuple(x.shape)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(x)
+            graph, static_in, static_out = self.graphs[key]
+            static_in.copy_(x)
+            graph.replay()
+            return static_out
