@@ -145,6 +145,11 @@ def test_sync_batch_norm_without_cuda_is_refused(world, tmp_path):
     assert r.exit_code == 2 and "sync_batch_norm needs CUDA" in r.output, r.output
 
 
-def test_cudagraph_rounds_without_cuda_are_refused(world, tmp_path):
-    r = CliRunner().invoke(train_cli, _args(world, tmp_path / "r", "--infer-backend", "cudagraph", "--device", "cpu"))
-    assert r.exit_code == 2 and "infer_backend cudagraph needs a CUDA device, not cpu" in r.output, r.output
+def test_cudagraph_rounds_without_cuda_are_refused_before_anything_is_cleared(world, tmp_path):
+    run = tmp_path / "r"
+    (run / "stages").mkdir(parents=True)
+    (run / "results.json").write_text("{}")
+    for extra in (["--infer-backend", "cudagraph"], ["--set", "sync_batch_norm=true"]):
+        r = CliRunner().invoke(train_cli, _args(world, run, *extra, "--device", "cpu", "--overwrite"))
+        assert r.exit_code == 2 and "needs CUDA" in r.output.replace("needs a CUDA", "needs CUDA"), r.output
+        assert (run / "stages").is_dir() and (run / "results.json").read_text() == "{}"  # --overwrite did not run

@@ -137,6 +137,12 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
     problems = config_problems(cfg)  # before anything is written: a bad value must not leave a run folder behind
     if problems:
         raise click.BadParameter("; ".join(problems), param_hint="the config (--set, --config or a flag)")
+    dev = resolve_device(cfg.device)  # as the config: refused before --overwrite clears anything
+    if cfg.sync_batch_norm and dev.type != "cuda":
+        raise click.BadParameter("sync_batch_norm needs CUDA devices (torch's SyncBatchNorm)", param_hint="--set")
+    if cfg.infer_backend == "cudagraph" and dev.type != "cuda":
+        raise click.BadParameter(f"infer_backend cudagraph needs a CUDA device, not {dev}",
+                                 param_hint="--infer-backend")
     stop_on_sigterm()
     with exit_on_errors():
         output_folder(run_dir)
@@ -150,15 +156,7 @@ def main(preset_name, config_file, sets, setting, rounds, voc_root, coco_ann, co
         raise click.UsageError(f"{run_dir} is not empty; pass --resume, --overwrite to start it afresh, "
                                f"or choose another --out")
     configure_threads(threads, cfg.workers)
-    dev = resolve_device(cfg.device)
     dist.init_from_env(dev)
-    if cfg.sync_batch_norm and dev.type != "cuda":
-        dist.shutdown()
-        raise click.BadParameter("sync_batch_norm needs CUDA devices (torch's SyncBatchNorm)", param_hint="--set")
-    if cfg.infer_backend == "cudagraph" and dev.type != "cuda":
-        dist.shutdown()
-        raise click.BadParameter(f"infer_backend cudagraph needs a CUDA device, not {dev}",
-                                 param_hint="--infer-backend")
     world = dist.rank_world()[1]
     for field, b in (("segnet1.batch", cfg.segnet1.batch), ("segnet2.batch", cfg.segnet2.batch)):
         if b % world:  # the batch is global: each of the world's processes takes batch / world
