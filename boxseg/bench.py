@@ -303,9 +303,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                     stages = ", ".join(f"{k} {v:.2f} s" for k, v in r.timing.items() if k not in ("wall", "device_busy"))
                     row.note = (f"pairs/s over {len(images)} images, {r.pairs} pairs; e2e / model-only = "
                                 f"{100 * ratio:.0f}%; wall {r.seconds:.2f} s: {stages}; device busy "
-                                f"{100 * r.timing['device_busy']:.0f}%; writers: "
-                                f"{'processes' if (device.type == 'cuda' if writer_processes is None else writer_processes) else 'threads'}"
-                                f"; median_ms = wall time per batch")
+                                f"{100 * r.timing['device_busy']:.0f}%; writers: {r.writers}; median_ms = wall time per batch")
                     rows.append(row)
                     log(f"e2e {backend} {precision} b{b}: {row.images_per_s} pairs/s end to end, {ref.images_per_s} "
                         f"model-only ({100 * ratio:.0f}%); {stages}")

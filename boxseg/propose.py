@@ -48,7 +48,7 @@ from boxseg.data.files import write_bytes_atomic, write_label_png
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
-from boxseg.faults import failpoint
+from boxseg.faults import failpoint, kill_parent_too
 from boxseg.threads import available_cpus
 from boxseg.workers import background_worker, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
@@ -137,6 +137,7 @@ class ProposalRun:
     failed: list[dict] = field(default_factory=list)     # non-finite outputs, nothing written
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)            # seconds per stage (STAGES), device_busy
+    writers: str = ""                                     # "threads" or "processes"
 
     @property
     def model_seconds(self) -> float:
@@ -145,7 +146,7 @@ class ProposalRun:
     def to_dict(self) -> dict:
         d = {"written": self.written, "skipped_existing": self.skipped_existing, "pairs": self.pairs,
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
-             "stages": {k: round(v, 4) for k, v in self.timing.items()}}
+             "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
             d["pairs_per_s"] = round(self.pairs / self.seconds, 2)
@@ -217,6 +218,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         procs = ProcessPoolExecutor(max(1, writers), mp_context=multiprocessing.get_context("fork"),
                                     initializer=_writer_process)
         procs.submit(int, 0).result()
+    run.writers = "processes" if procs is not None else "threads"
     pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write",
                               initializer=lower_priority if not cuda else None)
     slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
@@ -436,9 +438,6 @@ def _write_batch(out_dir: Path, job: tuple, clock: _Clock, instances: bool, run:
 def _writer_process() -> None:
     """A writer process: dies with the command, yields the CPU to it, and a failpoint inside
     it kills the whole command (as a kill of the command during that write would)."""
-    from boxseg.faults import kill_parent_too
-    from boxseg.workers import background_worker
-
     background_worker(0)
     kill_parent_too()
 

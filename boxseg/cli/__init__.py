@@ -82,7 +82,7 @@ def exit_on_errors():
         no_space(e)
 
 
-def check_backend_precision(backend: str | None, precision: str, device=None) -> None:
+def check_backend(backend: str | None, precision: str, device=None) -> None:
     """Exported artifacts are fp32 or fp16: bf16 runs with the torch backends. cudagraph
     needs a CUDA device."""
     if backend in ("onnxruntime", "aoti", "tensorrt") and precision == "bf16":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import (HELP, Exit, check_backend_precision, exit_on_errors, no_space, stop_on_sigterm,
+from boxseg.cli import (HELP, Exit, check_backend, exit_on_errors, no_space, stop_on_sigterm,
                         threads_option, version)
 from boxseg.data.files import output_folder
 from boxseg.predict import BACKENDS, default_precision
@@ -83,7 +83,7 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, crf_method, s
     log = BadInputLog()
     t0 = time.perf_counter()
     stop_on_sigterm()
-    check_backend_precision(backend, precision, dev)
+    check_backend(backend, precision, dev)
     try:
         with exit_on_errors():
             if out_dir is not None:

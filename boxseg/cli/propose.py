@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import (HELP, Exit, check_backend_precision, exit_on_errors, no_space, stop_on_sigterm,
+from boxseg.cli import (HELP, Exit, check_backend, exit_on_errors, no_space, stop_on_sigterm,
                         threads_option, version)
 from boxseg.config import ProposalConfig, proposal_problems
 from boxseg.data.files import output_folder
@@ -129,7 +129,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
         raise click.UsageError("--crf refines SegNet2's probabilities (--method learned)")
     log = BadInputLog()
     stop_on_sigterm()
-    check_backend_precision(backend, precision, dev)
+    check_backend(backend, precision, dev)
     with exit_on_errors():
         output_folder(out_dir)
         target = open_target(voc_root, split, coco_ann, coco_images, skip_bad, log)

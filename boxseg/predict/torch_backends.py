@@ -101,8 +101,7 @@ class CUDAGraphPredictor(TorchPredictor):
         return self.batch
 
     def _capture(self, x: torch.Tensor) -> tuple:
-        static_in = torch.empty(x.shape, dtype=self.dtype, device=self.device).contiguous(
-            memory_format=self.memory_format)
+        static_in = torch.empty(x.shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
         static_in.copy_(x)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
