@@ -61,6 +61,26 @@ def test_crowd_regions_become_ignore(world_copy):
     assert len(s.boxes) == sum(not x.crowd for x in s.instances)
 
 
+def test_boxed_reads_the_image_and_boxes_of_getitem_without_masks(world_copy):
+    """COCOSource.boxed: the image and the non-crowd boxes (clipped) of src[i], in its order,
+    without rasterising a polygon; checked on a world with a crowd and a box over the edge."""
+    def edit(d):
+        d["annotations"][0]["iscrowd"] = 1
+        a = d["annotations"][1]
+        a["bbox"] = [a["bbox"][0], a["bbox"][1], 10_000, a["bbox"][3]]  # clipped to the image
+    _edit(world_copy, edit)
+    src = COCOSource(world_copy.coco_ann, world_copy.coco_images)
+    n_boxes = 0
+    for i in range(len(src)):
+        full, boxed = src[i], src.boxed(i)
+        assert boxed.mask is None and boxed.instances == [] and boxed.id == full.id
+        assert np.array_equal(boxed.image, full.image)
+        assert boxed.boxes.dtype == full.boxes.dtype and np.array_equal(boxed.boxes, full.boxes)
+        assert np.array_equal(boxed.labels, full.labels)
+        n_boxes += len(full.boxes)
+    assert n_boxes > 0
+
+
 def test_class_sample_label_is_every_pixel_not_clipped_to_box(world):
     src = COCOSource(world.coco_ann, world.coco_images)
     pairs = src.class_pairs()

@@ -93,6 +93,47 @@ def test_batched_output_equals_per_image_output(world, tmp_path, channels):
     assert len(values - {0, 255}) >= 2
 
 
+@pytest.mark.parametrize("channels", [4, 5])
+def test_pipeline_equals_a_plain_per_pair_reference(world, tmp_path, channels):
+    """The staged pipeline (boxes-only decode, inputs built into a reused buffer, the device
+    merge) writes the labels of the plainest route: each (image, class) pair alone through
+    `segnet2_inputs` from the full decode, softmax, un-letterbox, and the numpy reference
+    `merge_foreground` (CPU fp32, byte for byte)."""
+    from boxseg.data.boxes import box_pixel_range
+    from boxseg.data.transforms import MEAN_U8
+    from boxseg.predict.image import letterbox, letterbox_params, segnet2_inputs, unletterbox
+    from boxseg.proposals import merge_foreground, range_masks
+
+    ds = VOCDataset(world.voc_root, "train")
+    segnet2 = _model(segnet2_meta(S2, channels), 0)
+    segnet1 = _model(segnet1_meta(S1, VOC_TARGET_CLASSES), 2) if channels == 5 else None
+    cfg = ProposalConfig(batch=7, margin=0.02, class_margin=0.02)
+    run = propose(segnet2, segnet1, ImageSet(ds, NUM_VOC_CLASSES), tmp_path, S2.input_size, cfg, torch.device("cpu"))
+    assert run.written == len(ds)
+    fg_pixels = 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            s = ds[i]
+            h, w = s.image.shape[:2]
+            lb = letterbox_params(h, w, S2.input_size)
+            canvas = torch.from_numpy(letterbox(s.image, lb, MEAN_U8))[None]
+            boxes, labels = np.asarray(s.boxes, np.float32), np.asarray(s.labels)
+            classes = sorted(set(labels.tolist()))
+            maps = []
+            for m in classes:
+                ranges = np.array([box_pixel_range(b * lb.scale, S2.input_size, S2.input_size)
+                                   for b in boxes[labels == m]], np.int64)
+                box = range_masks([ranges], S2.input_size, S2.input_size, torch.device("cpu")).float()
+                x = segnet2_inputs(canvas, box, torch.tensor([m]), segnet1)
+                maps.append(unletterbox(segnet2(x).softmax(1)[:, 1], lb)[0].numpy())
+            want = (merge_foreground(np.stack(maps), classes, boxes, labels, cfg.threshold, cfg.margin,
+                                     cfg.class_margin) if classes else np.zeros((h, w), np.uint8))
+            got = np.array(Image.open(tmp_path / f"{ds.ids[i]}.png"))
+            assert np.array_equal(got, want), ds.ids[i]
+            fg_pixels += int(((want > 0) & (want < 255)).sum())
+    assert fg_pixels > 1000  # not an all-background answer
+
+
 def test_rerun_completes_only_what_is_missing(world, tmp_path):
     images = _train_set(world)
     segnet2 = _model(segnet2_meta(S2, 4), 0)

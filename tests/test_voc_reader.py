@@ -52,6 +52,20 @@ def test_reads_synthetic_split_with_masks(world):
         assert (s.mask[y0:y1, x0:x1] == lab).any()
 
 
+def test_boxed_reads_the_image_and_boxes_of_getitem_without_the_mask(world):
+    """What proposals need (ImageSet.boxed): the same image and boxes, the mask not decoded."""
+    from boxseg.data.images import ImageSet
+
+    ds = VOCDataset(world.voc_root, "val", masks="require")
+    images = ImageSet(ds, 21)
+    for i in range(len(ds)):
+        full, boxed, item = ds[i], ds.boxed(i), images.boxed(i)
+        assert full.mask is not None and boxed.mask is None and item.mask is None and item.id == ds.ids[i]
+        for a in (boxed, item):
+            assert np.array_equal(a.image, full.image) and np.array_equal(a.boxes, full.boxes)
+            assert np.array_equal(a.labels, full.labels)
+
+
 def test_train_aug_prefers_sbd_masks(world_copy):
     voc = world_copy.voc_root
     sid = first_id(voc)

@@ -85,6 +85,10 @@ VOC_TARGET_CLASSES = ClassMap(VOC_CLASSES[1:], VOC_COCO_IDS)
 
 def voc_palette() -> list[int]:
     """The VOC devkit colour map (768 ints, RGB for values 0..255), as in VOCdevkit's labelcolormap."""
+    return list(_VOC_PALETTE)
+
+
+def _labelcolormap() -> tuple[int, ...]:
     palette = []
     for i in range(256):
         r = g = b = 0
@@ -95,4 +99,7 @@ def voc_palette() -> list[int]:
             b |= ((c >> 2) & 1) << (7 - j)
             c >>= 3
         palette += [r, g, b]
-    return palette
+    return tuple(palette)
+
+
+_VOC_PALETTE = _labelcolormap()  # computed once: every label PNG written needs it

@@ -39,7 +39,7 @@ class COCOSample:
     image: np.ndarray             # uint8 (H, W, 3)
     boxes: np.ndarray             # float32 (N, 4), non-crowd instances
     labels: np.ndarray            # int64 (N,), 1..60
-    mask: np.ndarray              # uint8 (H, W): 0 background, 1..60 classes, 255 crowd regions
+    mask: np.ndarray | None       # uint8 (H, W): 0 background, 1..60 classes, 255 crowd regions (None: `boxed`)
     instances: list[Instance]
 
 
@@ -270,6 +270,19 @@ class COCOSource:
 
     def annotations(self, i: int) -> list[dict]:
         return self.coco.imgToAnns[self.images[i]["id"]]
+
+    def boxed(self, i: int) -> COCOSample:
+        """Item i without masks (mask None, no instances): the image and the non-crowd boxes,
+        as `self[i]` gives them, without rasterising a polygon."""
+        info = self.images[i]
+        h, w = int(info["height"]), int(info["width"])
+        image = self._check_image(self.paths[info["id"]], (h, w))
+        objs = [a for a in self.annotations(i) if not a.get("iscrowd", 0)]
+        boxes = [clip_boxes(np.array([[x, y, x + bw, y + bh]], np.float32), w, h)[0][0]
+                 for x, y, bw, bh in (a["bbox"] for a in objs)]
+        return COCOSample(int(info["id"]), image, np.stack(boxes).astype(np.float32) if boxes else
+                          np.zeros((0, 4), np.float32), np.array([self._to_index[a["category_id"]] for a in objs],
+                                                                  dtype=np.int64), None, [])
 
     def __getitem__(self, i: int) -> COCOSample:
         info = self.images[i]

@@ -42,6 +42,16 @@ class ImageSet:
             self._cache[i] = item
         return item
 
+    def boxed(self, i: int) -> Item:
+        """Item i with its image and boxes but without decoding its ground truth (mask None),
+        where the dataset can skip it: what proposal generation needs."""
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        if not hasattr(self.dataset, "boxed"):
+            return self[i]
+        s = self.dataset.boxed(i)
+        return Item(self.id(i), s.image, s.boxes, s.labels, None)
+
     def class_pairs(self) -> list[tuple[int, int]]:
         """(index, class) for every class with a box in an image, without decoding images."""
         if hasattr(self.dataset, "class_pairs"):

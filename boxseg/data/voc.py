@@ -207,7 +207,7 @@ class VOCDataset:
         ann.boxes, n = clip_boxes(ann.boxes, hw[1], hw[0])
         self.log.clip(xml, n)
 
-    def _decode(self, entry: _Entry) -> VOCSample:
+    def _decode(self, entry: _Entry, mask: bool = True) -> VOCSample:
         image = read_image(entry.image)
         hw = image.shape[:2]
         if entry.ann is not None:
@@ -217,7 +217,7 @@ class VOCDataset:
             elif tuple(entry.ann.size) != hw:
                 raise DataError(entry.xml, f"<size> {entry.ann.size[1]}x{entry.ann.size[0]} differs from "
                                            f"image {entry.image.name} {hw[1]}x{hw[0]}")
-        mask = read_label(entry.mask, NUM_VOC_CLASSES, hw) if entry.mask is not None else None
+        mask = read_label(entry.mask, NUM_VOC_CLASSES, hw) if (mask and entry.mask is not None) else None
         ann = entry.ann or BoxAnnotation(np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
                                          np.zeros(0, bool), np.zeros(0, bool), hw)
         return VOCSample(entry.id, image, ann.boxes, ann.labels, ann.difficult, ann.truncated, mask)
@@ -227,6 +227,10 @@ class VOCDataset:
 
     def __getitem__(self, i: int) -> VOCSample:
         return self._decode(self.entries[i])
+
+    def boxed(self, i: int) -> VOCSample:
+        """Item i without its mask (None): the image and its boxes, what proposals need."""
+        return self._decode(self.entries[i], mask=False)
 
     @property
     def ids(self) -> list[str]:

@@ -18,15 +18,48 @@ import torch
 from boxseg.data.transforms import MEAN, STD, resize
 
 
-def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) or (B, 3, H, W) -> float32 (B, 3, H, W), ImageNet-normalised."""
+def normalize(images_u8: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or (B, 3, H, W) -> float32 (B, 3, H, W), ImageNet-normalised;
+    written into `out` (float32 (B, 3, H, W), a view is fine) when given, without allocating."""
     x = images_u8
     if x.shape[-1] == 3 and x.shape[1] != 3:
         x = x.permute(0, 3, 1, 2)
-    x = x.float().div_(255.0)
+    x = x.float() if out is None else out.copy_(x)
+    x.div_(255.0)
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)
+
+
+def segnet2_inputs(images_u8: torch.Tensor, box: torch.Tensor | None, cls: torch.Tensor, segnet1,
+                   image_index: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SegNet2's (P, 4|5, S, S) float32 input, built on the device: normalised image, box
+    mask, and with `segnet1` the score map S_m (its softmax probability of class cls[p]).
+
+    images_u8: (B, S, S, 3); box: (P, S, S) bool or float, or None when the caller has
+    written channel 3 of `out` itself; cls: (P,). Pair p uses image `image_index[p]`
+    (default: image p), so SegNet1 runs once per image even when several pairs share it.
+    `out`: a float32 (P, 4|5, S, S) buffer to fill (a batch's inputs without allocating);
+    the values are the same either way.
+    """
+    if out is None:
+        hw = images_u8.shape[1:3] if images_u8.shape[-1] == 3 and images_u8.shape[1] != 3 else images_u8.shape[2:]
+        out = torch.empty((len(cls), 4 + (segnet1 is not None), *hw), dtype=torch.float32, device=images_u8.device)
+    if segnet1 is None:  # normalise the pairs' images straight into the buffer
+        normalize(images_u8 if image_index is None else images_u8[image_index], out=out[:, :3])
+    else:
+        x = normalize(images_u8)
+        out[:, :3] = x if image_index is None else x[image_index]
+        with torch.no_grad():
+            logits = segnet1(x)
+            probs = torch.nn.functional.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear",
+                                                    align_corners=False).softmax(1)
+            if image_index is not None:
+                probs = probs[image_index]
+            out[:, 4:5] = probs.gather(1, cls.long().view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:]))
+    if box is not None:
+        out[:, 3].copy_(box)
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from boxseg.config import SegNet2Config
 from boxseg.data.coco import class_sample
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import crop_around_boxes
-from boxseg.predict.image import normalize
+from boxseg.predict.image import segnet2_inputs
 from boxseg.models.hourglass import Hourglass
 from boxseg.models.meta import segnet2_meta
 from boxseg.train.loop import Stage, run_stage
@@ -45,27 +45,6 @@ class SegNet2Samples(Dataset):
                                              self.cfg.input_size, self.cfg.scale_min, self.cfg.scale_max)
         return {"image": torch.from_numpy(img), "box": torch.from_numpy(box), "target": torch.from_numpy(tgt),
                 "cls": torch.tensor(m)}
-
-
-def segnet2_inputs(images_u8: torch.Tensor, box: torch.Tensor, cls: torch.Tensor,
-                   segnet1, image_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Build the (P, 4|5, S, S) input on the device: normalised image, box mask, and S_m.
-
-    images_u8: (B, S, S, 3); box: (P, S, S); cls: (P,). Pair p uses image
-    `image_index[p]` (default: image p), so SegNet1 runs once per image even when several
-    pairs share it, as in `boxseg.propose`.
-    """
-    x = normalize(images_u8)
-    xs = x if image_index is None else x[image_index]
-    chans = [xs, box.float()[:, None]]
-    if segnet1 is not None:
-        with torch.no_grad():
-            logits = segnet1(x)
-            probs = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False).softmax(1)
-            if image_index is not None:
-                probs = probs[image_index]
-            chans.append(probs.gather(1, cls.long().view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])))
-    return torch.cat(chans, 1)
 
 
 def segnet2_step(segnet1: torch.nn.Module | None, amp: str):
