@@ -257,7 +257,7 @@ def rows_to_dicts(rows: list[BenchRow]) -> list[dict]:
 def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions: list[str], batches: list[int],
               device: torch.device, workers: int, warmup: int, iters: int, log=print,
               backends: tuple[str, ...] = ("torch",), compile_mode: str | None = "auto",
-              writer_processes: bool | None = None) -> list[BenchRow]:
+              writer_processes: bool | None = None, decode_processes: bool | None = None) -> list[BenchRow]:
     """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, device
     post-processing, download, PNG writes) on `images` (an ImageSet), against the same
     Predictor alone on inputs of the same shape and batch. Throughput is in (image, class)
@@ -295,7 +295,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                         with tempfile.TemporaryDirectory() as out:
                             runs.append(propose(pred, None, images, Path(out), meta["input_size"],
                                                 ProposalConfig(batch=b), device, precision, workers,
-                                                writer_processes=writer_processes))
+                                                writer_processes=writer_processes, decode_processes=decode_processes))
                     r = runs[-1]
                     row.images_per_s = round(r.pairs / r.seconds, 2)
                     row.median_ms = round(1000 * r.seconds / max(1, -(-r.pairs // b)), 3)
@@ -303,7 +303,8 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                     stages = ", ".join(f"{k} {v:.2f} s" for k, v in r.timing.items() if k not in ("wall", "device_busy"))
                     row.note = (f"pairs/s over {len(images)} images, {r.pairs} pairs; e2e / model-only = "
                                 f"{100 * ratio:.0f}%; wall {r.seconds:.2f} s: {stages}; device busy "
-                                f"{100 * r.timing['device_busy']:.0f}%; writers: {r.writers}; median_ms = wall time per batch")
+                                f"{100 * r.timing['device_busy']:.0f}%; decoders: {r.decoders}; writers: {r.writers}; "
+                                f"median_ms = wall time per batch")
                     rows.append(row)
                     log(f"e2e {backend} {precision} b{b}: {row.images_per_s} pairs/s end to end, {ref.images_per_s} "
                         f"model-only ({100 * ratio:.0f}%); {stages}")

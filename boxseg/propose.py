@@ -2,13 +2,17 @@
 across images, merged into one label map per image (METHOD.md).
 
 The pipeline is a chain of stages with bounded queues:
-  decode    DataLoader worker processes decode each image, letterbox it to the network size
-            and compute its boxes' pixel ranges (on the canvas and on the image); a chunk of
-            images arrives as one uint8 (B, S, S, 3) tensor, pinned on CUDA;
+  decode    workers decode each image and its boxes (not its ground truth), letterbox it to
+            the network size and compute its boxes' pixel ranges (on the canvas and on the
+            image); a chunk of images arrives as one uint8 (B, S, S, 3) tensor, pinned on
+            CUDA. On CUDA the workers are DataLoader processes; on CPU threads, since forked
+            processes made the model's process pay a copy-on-write fault on every page it
+            wrote afterwards;
   upload    one non-blocking copy per chunk;
-  model     pairs in fixed-size batches (`cfg.batch`; only the last is short): box masks and
-            the score-map channel (SegNet1, once per image) built on the device, SegNet2
-            through its Predictor (any backend);
+  model     pairs in fixed-size batches (`cfg.batch`; only the last is short): the input
+            built on the device into one buffer reused batch after batch (normalised image,
+            box masks, the score-map channel of SegNet1, once per image), SegNet2 through its
+            Predictor (any backend);
   post      on the device: softmax, exact un-letterbox to the image's size, the merge rule
             (`merge_foreground_batch`, byte-identical to the numpy reference; on CUDA all of
             a batch's finished images at once over padded tensors) and per-box instance
@@ -29,12 +33,14 @@ Outputs do not depend on the batch size (eval-mode networks; tested bitwise on C
 from __future__ import annotations
 
 import json
+import itertools
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from boxseg.config import ProposalConfig
 from boxseg.crf import CRFParams, refine_in_boxes
-from boxseg.data.boxes import box_pixel_range
+from boxseg.data.boxes import box_pixel_range, union_box_mask
 from boxseg.data.coco import encode_rle
 from boxseg.data.files import write_bytes_atomic, write_label_png
 from boxseg.data.images import ImageSet
@@ -53,7 +59,8 @@ from boxseg.threads import available_cpus
 from boxseg.workers import background_worker, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
 from boxseg.predict.image import letterbox, letterbox_params, segnet2_inputs, unletterbox
-from boxseg.proposals import merge_foreground_batch, merge_foreground_torch, range_masks
+from boxseg.proposals import (merge_foreground, merge_foreground_batch, merge_foreground_fast, merge_foreground_torch,
+                              range_masks)
 
 STAGES = ("wait_decode", "upload", "model", "post", "download", "wait_writers")
 
@@ -89,6 +96,30 @@ class _Decoded(Dataset):
         if self.keep_image:
             rec["image"] = s.image
         return rec
+
+
+def _decode_in_threads(ds: _Decoded, chunk: int, workers: int) -> Iterator[dict]:
+    """The DataLoader's chunks, decoded by `workers` threads at the lowest priority instead of
+    processes; at most 2 x workers chunks in flight (the DataLoader's prefetch). On CPU this
+    is what is fast: forking the workers makes every page the model's process then writes
+    a copy-on-write fault (on the 2-core CI machine the network ran ~40% slower in the
+    pipeline), while the decoders' work (Pillow, OpenCV) mostly runs without the GIL."""
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="boxseg-decode", initializer=lower_priority)
+
+    def decode(ks: range) -> dict:
+        return _collate([ds[k] for k in ks])
+
+    chunks = (range(a, min(a + chunk, len(ds))) for a in range(0, len(ds), chunk))
+    queue = deque(ex.submit(decode, ks) for ks in itertools.islice(chunks, 2 * workers))
+    try:
+        while queue:
+            f = queue.popleft()
+            ks = next(chunks, None)
+            if ks is not None:
+                queue.append(ex.submit(decode, ks))
+            yield f.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def _collate(recs: list[dict]) -> dict:
@@ -156,6 +187,7 @@ class ProposalRun:
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)            # seconds per stage (STAGES), device_busy
     writers: str = ""                                     # "threads" or "processes"
+    decoders: str = ""                                    # "threads", "processes" or "main thread"
 
     @property
     def model_seconds(self) -> float:
@@ -164,7 +196,8 @@ class ProposalRun:
     def to_dict(self) -> dict:
         d = {"written": self.written, "skipped_existing": self.skipped_existing, "pairs": self.pairs,
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
-             "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers}
+             "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
+             "decoders": self.decoders}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
             d["pairs_per_s"] = round(self.pairs / self.seconds, 2)
@@ -195,7 +228,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             device: torch.device, precision: str = "fp32", workers: int = 0, instances: bool = False,
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
             progress: bool = False, writers: int | None = None, chunk: int = 16,
-            writer_processes: bool | None = None) -> ProposalRun:
+            writer_processes: bool | None = None, decode_processes: bool | None = None) -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
     image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
     is wrapped in the eager one at `precision`). A bad image raises DataError naming the
@@ -203,7 +236,9 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     uploaded together. `writers` encode and write (default: 2 on CPU, where they share the
     cores with the model; on CUDA half the available CPUs, 2 to 8): threads, or with
     `writer_processes` (default: on CUDA) forked processes fed by one thread each, so that
-    their Python work never holds the GIL the main loop needs between kernel launches."""
+    their Python work never holds the GIL the main loop needs between kernel launches.
+    `workers` decode: DataLoader processes with `decode_processes` (default: on CUDA), else
+    threads (`_decode_in_threads`); 0 decodes in the main thread."""
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -220,9 +255,11 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     cuda = device.type == "cuda"
     if writers is None:
         writers = min(8, max(2, available_cpus() // 2)) if cuda else 2
-    loader = DataLoader(_Decoded(images, todo, size, keep_image=cfg.crf), batch_size=max(1, chunk), collate_fn=_collate,
-                        num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=cuda,
-                        persistent_workers=False, worker_init_fn=background_worker if not cuda else foreground_worker)
+    decoded = _Decoded(images, todo, size, keep_image=cfg.crf)
+    if workers == 0:
+        run.decoders = "main thread"
+    else:
+        run.decoders = "processes" if (cuda if decode_processes is None else decode_processes) else "threads"
     clock = _Clock(device)
     inputs = _Inputs(cfg.batch, 4 if segnet1 is None else 5, size, device)
     pending: dict[int, _Image] = {}
@@ -293,8 +330,14 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         failpoint("propose.batch")
         post([i for i in order if pending[i].done == len(pending[i].rec["classes"])], (t_in, t_model))
 
+    it = None
     try:
-        it = iter(loader)
+        if run.decoders == "threads":
+            it = _decode_in_threads(decoded, max(1, chunk), workers)
+        else:
+            it = iter(DataLoader(decoded, batch_size=max(1, chunk), collate_fn=_collate, num_workers=workers,
+                                 prefetch_factor=2 if workers else None, pin_memory=cuda, persistent_workers=False,
+                                 worker_init_fn=background_worker if not cuda else foreground_worker))
         while True:
             tw = time.perf_counter()
             batch = next(it, None)
@@ -331,6 +374,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         futures.clear()
         clock.add("wait_writers", time.perf_counter() - tw)
     finally:
+        if hasattr(it, "close"):  # the decode threads: cancelled and joined
+            it.close()
         pool.shutdown(wait=True)
         if procs is not None:
             procs.shutdown(wait=True)
@@ -350,9 +395,11 @@ def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: t
     largest (N x H x W bytes) and, with `instances`, each box's mask inside its box and the
     boxes' scores (float32 as bytes). `together` (default: on CUDA) merges all images in one
     set of kernels over the padded batch, which costs a few kernel launches an image instead
-    of ~40; on CPU, where a launch is cheap and padding is not, image by image. Both give the
-    same bytes (elementwise the same arithmetic; tested)."""
+    of ~40; on CPU, where a launch is cheap and padding is not, image by image, merged in
+    numpy (`merge_foreground_fast`: an operation costs microseconds there, ~10 in torch).
+    All give the same bytes (elementwise the same arithmetic; tested)."""
     together = device.type == "cuda" if together is None else together
+    numpy_merge = not together and device.type == "cpu"
     n = len(entries)
     hmax = max((rec["lb"].h for rec, _, _ in entries), default=0)
     wmax = max((rec["lb"].w for rec, _, _ in entries), default=0)
@@ -364,17 +411,25 @@ def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: t
         kmax = max(len(r["classes"]) for r in recs)
         if kmax == 0:
             continue  # images without boxes: all background
+        if numpy_merge:  # one image on CPU: numpy, microseconds an operation where torch's take ~10
+            (j,), (rec,) = group, recs
+            lb, cls = rec["lb"], rec["classes"]
+            fg = _probabilities(entries[j][1], rec, cfg, device)
+            probs_of[j] = fg
+            if cfg.merge == "order":
+                lab = merge_foreground(fg.numpy(), cls, rec["boxes"], rec["labels"], cfg.threshold, mode="order")
+            else:
+                inside = np.stack([union_box_mask(rec["boxes"][rec["labels"] == c], lb.h, lb.w) for c in cls])
+                lab = merge_foreground_fast(fg.numpy(), cls, inside, cfg.threshold, cfg.margin, cfg.class_margin)
+            labels[j, : lb.h, : lb.w] = torch.from_numpy(lab)
+            continue
         gh, gw = max(r["lb"].h for r in recs), max(r["lb"].w for r in recs)
         probs = torch.zeros((len(group), kmax, gh, gw), dtype=torch.float32, device=device)
         ranges, classes = [], np.zeros((len(group), kmax), np.uint8)
         for g, (rec, j) in enumerate(zip(recs, group)):
             lb, cls = rec["lb"], rec["classes"]
             if cls:
-                fg = unletterbox(entries[j][1], lb)
-                if cfg.crf:  # the dense CRF inside the boxes (boxseg.crf.refine_in_boxes), image by image
-                    inside = range_masks([rec["image_ranges"][rec["labels"] == c] for c in cls], lb.h, lb.w, device)
-                    fg = refine_in_boxes(fg, inside, torch.from_numpy(rec["image"]).to(device), CRFParams())
-                probs[g, : len(cls), : lb.h, : lb.w] = fg
+                probs[g, : len(cls), : lb.h, : lb.w] = _probabilities(entries[j][1], rec, cfg, device)
                 probs_of[j] = probs[g, : len(cls), : lb.h, : lb.w]
             classes[g, : len(cls)] = cls
             ranges += [rec["image_ranges"][rec["labels"] == c] for c in cls]
@@ -415,6 +470,17 @@ def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: t
             sizes.append(4 * len(scores))
         layout.images.append((rec, sizes, crops))
     return torch.cat(parts), layout
+
+
+def _probabilities(maps: torch.Tensor, rec: dict, cfg: ProposalConfig, device: torch.device) -> torch.Tensor:
+    """An image's (K, h, w) foreground probabilities from its (K, S', S') maps on the canvas;
+    with `cfg.crf` refined by the dense CRF inside the boxes (boxseg.crf.refine_in_boxes)."""
+    lb, cls = rec["lb"], rec["classes"]
+    fg = unletterbox(maps, lb)
+    if cfg.crf:
+        inside = range_masks([rec["image_ranges"][rec["labels"] == c] for c in cls], lb.h, lb.w, device)
+        fg = refine_in_boxes(fg, inside, torch.from_numpy(rec["image"]).to(device), CRFParams())
+    return fg
 
 
 @dataclass

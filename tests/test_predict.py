@@ -17,7 +17,7 @@ from boxseg.export.artifacts import open_predictor
 from boxseg.models.meta import segnet1_meta, segnet2_meta
 from boxseg.predict import load_predictor
 from boxseg.predict.base import batch_bucket
-from boxseg.proposals import merge_foreground, merge_foreground_torch, range_masks
+from boxseg.proposals import merge_foreground, merge_foreground_fast, merge_foreground_torch, range_masks
 
 from test_export import _real_inputs
 from test_propose import S1, S2, _labels, _model, _save
@@ -88,6 +88,10 @@ def _merge_both(probs, classes, boxes, labels, **kw):
     ranges = np.array([box_pixel_range(b, h, w) for b in boxes], np.int64).reshape(-1, 4)
     inside = range_masks([ranges[labels == c] for c in classes], h, w, CPU)
     got = merge_foreground_torch(torch.from_numpy(probs), classes, inside, ranges, labels, **kw).numpy()
+    if kw.get("mode", "ignore") == "ignore":  # the CPU pipeline's numpy twin: the same bytes too
+        kw.pop("mode", None)
+        fast = merge_foreground_fast(probs, classes, inside.numpy(), **kw)
+        assert fast.dtype == np.uint8 and np.array_equal(fast, ref)
     return ref, got
 
 

@@ -379,6 +379,38 @@ def test_writer_processes_write_the_bytes_of_writer_threads(world, tmp_path):
                                                     for p in a]
 
 
+def test_decode_threads_processes_and_main_thread_write_the_same_bytes(world_copy, tmp_path):
+    """Decoders are threads on CPU, DataLoader processes on CUDA, the main thread with 0
+    workers: the same bytes, and a bad image is reported by each (named, or skipped and
+    logged with --skip-bad)."""
+    from boxseg.errors import BadInputLog, DataError
+
+    model = _model(segnet2_meta(S2, 4), 0)
+    images = ImageSet(VOCDataset(world_copy.voc_root, "train"), NUM_VOC_CLASSES)
+    outs, kinds = [], []
+    for workers, procs in ((0, None), (2, False), (2, True), (3, False)):
+        out = tmp_path / f"{workers}-{procs}"
+        run = propose(model, None, images, out, S2.input_size, ProposalConfig(batch=8), torch.device("cpu"), "fp32",
+                      workers, chunk=3, decode_processes=procs)
+        assert run.written == len(images) and run.to_dict()["decoders"] == run.decoders
+        outs.append(_labels(out))
+        kinds.append(run.decoders)
+    assert kinds == ["main thread", "threads", "processes", "threads"]
+    assert outs[0] and all(o == outs[0] for o in outs)
+    bad = world_copy.voc_root / "JPEGImages" / f"{images.id(5)}.jpg"
+    bad.write_bytes(b"not a jpeg")
+    for procs in (False, True):
+        with pytest.raises(DataError, match="cannot decode image") as e:
+            propose(model, None, images, tmp_path / f"bad-{procs}", S2.input_size, ProposalConfig(batch=8),
+                    torch.device("cpu"), "fp32", 2, chunk=3, decode_processes=procs)
+        assert str(bad) in str(e.value)
+        log = BadInputLog()
+        run = propose(model, None, images, tmp_path / f"skip-{procs}", S2.input_size, ProposalConfig(batch=8),
+                      torch.device("cpu"), "fp32", 2, chunk=3, decode_processes=procs, skip_bad=True, log=log)
+        assert run.written == len(images) - 1 and len(log.skipped) == 1
+        assert log.skipped[0]["path"] == str(bad) and "cannot decode image" in log.skipped[0]["problem"]
+
+
 def test_a_kill_inside_a_writer_process_kills_the_command_and_the_rerun_completes(world, tmp_path):
     """A failpoint in a writer process stands for a kill of the command during that write:
     the command dies (SIGKILL), nothing under a final name is truncated, and a rerun writes

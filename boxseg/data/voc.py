@@ -233,8 +233,11 @@ class VOCDataset:
         return self._decode(self.entries[i], mask=False)
 
     @property
-    def ids(self) -> list[str]:
-        return [e.id for e in self.entries]
+    def ids(self) -> tuple[str, ...]:
+        """The items' ids in order (built once: `ImageSet.id(i)` asks per item)."""
+        if getattr(self, "_ids", None) is None or len(self._ids) != len(self.entries):
+            self._ids = tuple(e.id for e in self.entries)
+        return self._ids
 
     def annotation(self, i: int) -> BoxAnnotation | None:
         """Boxes of item i without decoding its image."""
