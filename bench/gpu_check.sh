@@ -13,6 +13,8 @@
 #                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor, writer processes
 #   e2e_cudagraph   the same with the cudagraph Predictor (the eager network replayed as one CUDA graph
 #                   a batch: the model stage without its ~300 launches a batch)
+#   e2e_decode_threads  cudagraph with decode threads instead of DataLoader processes (on the 2-core
+#                   CPU threads won: no copy-on-write faults after forking; on CUDA the GIL may decide)
 #   e2e_threads     the same with writer threads (the GIL hypothesis: bench/results/gpu_h200_20261127_b)
 #   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
@@ -67,6 +69,7 @@ step data 45 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-tr
 E="--model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10"
 step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
 step e2e_cudagraph 90 $B $E --backends cudagraph --tag segnet2_512_e2e_cudagraph
+step e2e_decode_threads 60 $B $E --backends cudagraph --decoders threads --tag segnet2_512_e2e_cudagraph_decode_threads
 step e2e_threads 60 $B $E --backends torch --writers threads --tag segnet2_512_e2e_threads
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
 step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R

@@ -56,7 +56,7 @@ from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint, kill_parent_too
 from boxseg.threads import available_cpus
-from boxseg.workers import background_worker, foreground_worker, lower_priority
+from boxseg.workers import background_worker, before_fork, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
 from boxseg.predict.image import letterbox, letterbox_params, segnet2_inputs, unletterbox
 from boxseg.proposals import (merge_foreground, merge_foreground_batch, merge_foreground_fast, merge_foreground_torch,
@@ -271,6 +271,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         from concurrent.futures import ProcessPoolExecutor
 
         # forked now, before the loader's and the pool's threads exist; they die with this process
+        before_fork()
         procs = ProcessPoolExecutor(max(1, writers), mp_context=multiprocessing.get_context("fork"),
                                     initializer=_writer_process)
         procs.submit(int, 0).result()
@@ -335,6 +336,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         if run.decoders == "threads":
             it = _decode_in_threads(decoded, max(1, chunk), workers)
         else:
+            if workers:
+                before_fork()
             it = iter(DataLoader(decoded, batch_size=max(1, chunk), collate_fn=_collate, num_workers=workers,
                                  prefetch_factor=2 if workers else None, pin_memory=cuda, persistent_workers=False,
                                  worker_init_fn=background_worker if not cuda else foreground_worker))

@@ -29,6 +29,18 @@ def lower_priority(nice: int = 19) -> None:
         pass
 
 
+def before_fork() -> None:
+    """glibc: hand the heap's free pages back to the kernel before forking workers. After a
+    fork every page this process then writes is first copied (a copy-on-write fault); a
+    page handed back costs a plain zero-fill instead, and the model's allocations reuse
+    such pages all the time (boxseg-propose with forked decoders on the 2-core CPU: 0.98 ->
+    0.82 s for the default world)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def foreground_worker(_: int) -> None:
     die_with_parent()
 

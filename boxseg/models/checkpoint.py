@@ -34,6 +34,12 @@ def load_state_file(path: Path) -> dict:
         raise DataError(path, f"refused: not a plain weights file (weights_only load failed: {str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise DataError(path, f"cannot read checkpoint: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - garbage read as a legacy pickle fails in many ways (IndexError,
+        # KeyError, UnicodeDecodeError, ...: ~8% of random 4 KiB files); it is bad input, not a crash
+        if not zipfile.is_zipfile(path):
+            raise DataError(path, "cannot read checkpoint: not a torch checkpoint archive (corrupt, truncated "
+                                  "or another format)") from None
+        raise DataError(path, f"cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(state, dict):
         raise DataError(path, f"checkpoint holds a {type(state).__name__}, expected a dict")
     return state
