@@ -79,7 +79,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="Default: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="DataLoader workers decoding images.")
+              help="Image decoders: threads on CPU, DataLoader processes on CUDA; 0 decodes in the main loop.")
 @click.option("--instances", is_flag=True, help="Also write per-box masks (COCO results, RLE) and their mask AP.")
 @click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True,
               help="Foreground probability at or above which a pixel inside a box takes the box's class.")
