@@ -50,7 +50,7 @@ from boxseg.config import ProposalConfig
 from boxseg.crf import CRFParams, refine_in_boxes
 from boxseg.data.boxes import box_pixel_range, union_box_mask
 from boxseg.data.coco import encode_rle
-from boxseg.data.files import write_bytes_atomic, write_label_png
+from boxseg.data.files import encode_label_png, write_bytes_atomic, write_files_atomic
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
@@ -532,9 +532,10 @@ def _writer_process() -> None:
 
 def _write_outputs(out_dir: Path, buf: np.ndarray, layout: _Layout, instances: bool,
                    precision: str) -> tuple[int, list[dict]]:
-    """Split a batch's bytes and write each image's outputs; the PNG goes last since its
-    presence marks the image done. Returns the images written and the non-finite failures."""
-    written, failed = 0, []
+    """Split a batch's bytes and write each image's outputs, all made durable by one sync; an
+    image's PNG goes last since its presence marks the image done. Returns the images
+    written and the non-finite failures."""
+    written, failed, files = 0, [], []
     n = len(layout.images)
     nfin = sum(len(rec["classes"]) for rec, _, _ in layout.images)
     finite_all = buf[:nfin]
@@ -563,9 +564,10 @@ def _write_outputs(out_dir: Path, buf: np.ndarray, layout: _Layout, instances: b
                 score = float(scores[q]) if mask.any() else 0.0
                 dets.append({"label": int(lab), "box": [round(float(v), 2) for v in box], "score": round(score, 5),
                              "segmentation": encode_rle(mask)})
-            write_bytes_atomic(out_dir / "instances" / f"{rec['id']}.json", json.dumps(dets).encode())
-        write_label_png(out_dir / f"{rec['id']}.png", labels[j, : lb.h, : lb.w])
+            files.append((out_dir / "instances" / f"{rec['id']}.json", json.dumps(dets).encode()))
+        files.append((out_dir / f"{rec['id']}.png", encode_label_png(labels[j, : lb.h, : lb.w])))
         written += 1
+    write_files_atomic(files)  # one filesystem sync for the batch, then the renames in this order
     return written, failed
 
 
