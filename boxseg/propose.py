@@ -98,7 +98,7 @@ class _Decoded(Dataset):
         return rec
 
 
-def _decode_in_threads(ds: _Decoded, chunk: int, workers: int) -> Iterator[dict]:
+def _decode_in_threads(ds: _Decoded, chunk: int, workers: int, pin: bool = False) -> Iterator[dict]:
     """The DataLoader's chunks, decoded by `workers` threads at the lowest priority instead of
     processes; at most 2 x workers chunks in flight (the DataLoader's prefetch). On CPU this
     is what is fast: forking the workers makes every page the model's process then writes
@@ -107,7 +107,10 @@ def _decode_in_threads(ds: _Decoded, chunk: int, workers: int) -> Iterator[dict]
     ex = ThreadPoolExecutor(workers, thread_name_prefix="boxseg-decode", initializer=lower_priority)
 
     def decode(ks: range) -> dict:
-        return _collate([ds[k] for k in ks])
+        out = _collate([ds[k] for k in ks])
+        if pin and out["canvases"] is not None:  # as the DataLoader's pin_memory: uploads without blocking
+            out["canvases"] = out["canvases"].pin_memory()
+        return out
 
     chunks = (range(a, min(a + chunk, len(ds))) for a in range(0, len(ds), chunk))
     queue = deque(ex.submit(decode, ks) for ks in itertools.islice(chunks, 2 * workers))
@@ -334,7 +337,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     it = None
     try:
         if run.decoders == "threads":
-            it = _decode_in_threads(decoded, max(1, chunk), workers)
+            it = _decode_in_threads(decoded, max(1, chunk), workers, pin=cuda)
         else:
             if workers:
                 before_fork()
