@@ -96,12 +96,14 @@ def score_label_dir(label_dir: Path, images: ImageSet, missing_ok: bool = False,
     the pixels the proposals label, and their coverage (the fraction not marked 255)."""
     conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
     for i in range(len(images)):
-        item = images[i]
-        path = label_dir / f"{item.id}.png"
-        if item.mask is None or (missing_ok and not path.exists()):
+        path = label_dir / f"{images.id(i)}.png"
+        if missing_ok and not path.exists():
             continue
-        label = read_label(path, images.num_classes, item.mask.shape)
-        conf.update(label, item.mask, pred_ignore=True)
+        truth = images.ground_truth(i)  # the image itself is not decoded
+        if truth is None:
+            continue
+        label = read_label(path, images.num_classes, truth.shape)
+        conf.update(label, truth, pred_ignore=True)
     return conf.scores(), conf.coverage()
 
 

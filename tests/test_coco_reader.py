@@ -77,6 +77,7 @@ def test_boxed_reads_the_image_and_boxes_of_getitem_without_masks(world_copy):
         assert np.array_equal(boxed.image, full.image)
         assert boxed.boxes.dtype == full.boxes.dtype and np.array_equal(boxed.boxes, full.boxes)
         assert np.array_equal(boxed.labels, full.labels)
+        assert np.array_equal(src.ground_truth(i), full.mask)  # the mask without decoding the image
         n_boxes += len(full.boxes)
     assert n_boxes > 0
 

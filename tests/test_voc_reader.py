@@ -66,6 +66,30 @@ def test_boxed_reads_the_image_and_boxes_of_getitem_without_the_mask(world):
             assert np.array_equal(a.labels, full.labels)
 
 
+def test_ground_truth_without_decoding_the_image_is_the_decoded_mask(world_copy):
+    """ImageSet.ground_truth (what scoring proposals reads): the mask of images[i], its size
+    checked against the XML's <size> or, without one, the image file's header."""
+    import re as _re
+
+    from boxseg.data.images import ImageSet
+    from boxseg.errors import DataError
+
+    ds = VOCDataset(world_copy.voc_root, "val", masks="require")
+    xml = world_copy.voc_root / "Annotations" / f"{ds.ids[0]}.xml"
+    xml.write_text(_re.sub(r"<size>.*?</size>", "", xml.read_text(), flags=_re.S))  # no <size>
+    ds = VOCDataset(world_copy.voc_root, "val", masks="require")
+    assert ds.annotation(0).size is None
+    images = ImageSet(ds, 21)
+    for i in range(len(ds)):
+        assert np.array_equal(images.ground_truth(i), ds[i].mask)
+    ds = VOCDataset(world_copy.voc_root, "val", masks="require")  # <size> unknown again, and a wrong mask
+    png = world_copy.voc_root / "SegmentationClass" / f"{ds.ids[0]}.png"
+    Image.open(png).crop((0, 0, 20, 20)).save(png)
+    with pytest.raises(DataError, match="differs from image size") as e:
+        ImageSet(ds, 21).ground_truth(0)
+    assert str(png) in str(e.value)
+
+
 def test_train_aug_prefers_sbd_masks(world_copy):
     voc = world_copy.voc_root
     sid = first_id(voc)

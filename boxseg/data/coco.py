@@ -288,6 +288,19 @@ class COCOSource:
         info = self.images[i]
         h, w = int(info["height"]), int(info["width"])
         image = self._check_image(self.paths[info["id"]], (h, w))
+        mask, instances = self._rasterise(i, h, w)
+        objs = [inst for inst in instances if not inst.crowd]
+        boxes = np.stack([o.box for o in objs]).astype(np.float32) if objs else np.zeros((0, 4), np.float32)
+        labels = np.array([o.label for o in objs], dtype=np.int64)
+        return COCOSample(int(info["id"]), image, boxes, labels, mask, instances)
+
+    def ground_truth(self, i: int) -> np.ndarray:
+        """The label map of item i (`self[i].mask`) without decoding its image."""
+        info = self.images[i]
+        return self._rasterise(i, int(info["height"]), int(info["width"]))[0]
+
+    def _rasterise(self, i: int, h: int, w: int) -> tuple[np.ndarray, list[Instance]]:
+        """Item i's label map (crowd regions 255) and its instances, from the polygons and RLEs."""
         mask = np.zeros((h, w), dtype=np.uint8)
         crowd = np.zeros((h, w), dtype=bool)
         instances = []
@@ -303,10 +316,7 @@ class COCOSource:
             else:
                 mask[m] = label
         mask[crowd] = IGNORE
-        objs = [inst for inst in instances if not inst.crowd]
-        boxes = np.stack([o.box for o in objs]).astype(np.float32) if objs else np.zeros((0, 4), np.float32)
-        labels = np.array([o.label for o in objs], dtype=np.int64)
-        return COCOSample(int(info["id"]), image, boxes, labels, mask, instances)
+        return mask, instances
 
     def class_pairs(self) -> list[tuple[int, int]]:
         """(image index, source class 1..60) for every class present (non-crowd) in an image."""

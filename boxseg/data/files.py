@@ -76,6 +76,18 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(path, f"cannot decode image: {e}") from None
 
 
+def read_image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding its pixels. Errors name the file."""
+    if not path.is_file():
+        raise DataError(path, "image file is missing")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot decode image: {e}") from None
+    return h, w
+
+
 def image_to_rgb(img: Image.Image, path: Path) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img).astype(np.int64)

@@ -52,6 +52,15 @@ class ImageSet:
         s = self.dataset.boxed(i)
         return Item(self.id(i), s.image, s.boxes, s.labels, None)
 
+    def ground_truth(self, i: int) -> np.ndarray | None:
+        """Item i's ground-truth label map (None if it has none) without decoding its image,
+        where the dataset can: what scoring a folder of label maps needs."""
+        if self._cache is not None and i in self._cache:
+            return self._cache[i].mask
+        if not hasattr(self.dataset, "ground_truth"):
+            return self[i].mask
+        return self.dataset.ground_truth(i)
+
     def class_pairs(self) -> list[tuple[int, int]]:
         """(index, class) for every class with a box in an image, without decoding images."""
         if hasattr(self.dataset, "class_pairs"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from boxseg.data.classes import VOC_CLASSES, VOC_INDEX
-from boxseg.data.files import check_boxes, clip_boxes, read_image, read_label, read_list, resolve_inside
+from boxseg.data.files import check_boxes, clip_boxes, read_image, read_image_size, read_label, read_list, resolve_inside
 from boxseg.errors import BadInputLog, DataError
 
 NUM_VOC_CLASSES = len(VOC_CLASSES)  # 21 with background
@@ -245,11 +245,13 @@ class VOCDataset:
 
     def ground_truth(self, i: int) -> np.ndarray | None:
         """The label map of item i (None if it has none) without decoding its image; its size is
-        checked against the XML's <size> where that exists."""
+        checked against the image's: the XML's <size> (checked against the image wherever that
+        is decoded) or, without one, the image file's header."""
         e = self.entries[i]
         if e.mask is None:
             return None
-        return read_label(e.mask, NUM_VOC_CLASSES, e.ann.size if e.ann is not None else None)
+        size = e.ann.size if e.ann is not None and e.ann.size is not None else read_image_size(e.image)
+        return read_label(e.mask, NUM_VOC_CLASSES, size)
 
     def instances(self, i: int) -> InstanceTruth | None:
         """Ground-truth instances of item i from SegmentationObject/ID.png, None where there is
