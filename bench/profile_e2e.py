@@ -39,6 +39,9 @@ class _Subset:
     def id(self, i: int) -> str:
         return self.images.id(i)
 
+    def __getattr__(self, name: str):  # boxed, ground_truth, ...: the ImageSet's
+        return getattr(self.images, name)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -55,3 +55,20 @@ def test_e2e_times_the_proposal_pipeline_against_the_model(world, tmp_path):
                                       input_size=96), 5)
     (row,) = bench_e2e(build_model(five).eval(), five, "x", images, ["fp32"], [8], torch.device("cpu"), 0, 1, 1)
     assert row.status.startswith("not run: --e2e times a 4-channel")
+
+
+def test_profile_e2e_script_runs_the_pipeline_under_the_profiler(world, tmp_path):
+    """bench/profile_e2e.py (a GPU-check step) on CPU: it broke once when the pipeline asked
+    the image set for a method its subset wrapper lacked, which only a GPU run would have shown."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    r = subprocess.run([sys.executable, str(root / "bench" / "profile_e2e.py"), str(world.voc_root), "--device", "cpu",
+                        "--preset", "tiny", "--batch", "8", "--workers", "1", "--limit", "12", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "profile_e2e.txt").read_text()
+    assert "Self CPU time total" in text and "aten::" in text
+    assert (tmp_path / "profile_e2e.json.gz").stat().st_size > 1000
