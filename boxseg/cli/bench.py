@@ -60,12 +60,14 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--decoders", "decoder_kind", type=click.Choice(["auto", "threads", "processes"]), default="auto",
               show_default=True, help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
+@click.option("--e2e-runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="--e2e: timed runs of the pipeline after a warm-up run; the median is reported.")
 @click.option("--compile-mode", default="auto", show_default=True,
               help="torch.compile mode of the compile backend: auto (reduce-overhead on CUDA, default on CPU), "
                    "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")
 @threads_option
 def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag, e2e, voc_root,
-         workers, writer_kind, decoder_kind, compile_mode, threads) -> None:
+         workers, e2e_runs, writer_kind, decoder_kind, compile_mode, threads) -> None:
     """Time the model; write TAG.jsonl, TAG.md and TAG.png into --out."""
     import torch
 
@@ -102,7 +104,8 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
                          log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
                          compile_mode=compile_mode,
                          writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
-                         decode_processes={"auto": None, "threads": False, "processes": True}[decoder_kind])
+                         decode_processes={"auto": None, "threads": False, "processes": True}[decoder_kind],
+                         e2e_runs=e2e_runs)
     else:
         rows = bench(model, meta, name, (backends or "torch,torch-cl,onnxruntime").split(","), precision_list,
                      batch_list, dev, warmup, iters, log=lambda s: click.echo(s, err=True), compile_mode=compile_mode)
