@@ -37,7 +37,7 @@ def before_fork() -> None:
     0.82 s for the default world)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError, TypeError):  # not glibc
         pass
 
 

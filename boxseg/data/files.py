@@ -276,7 +276,7 @@ def _syncfs(fd: int) -> bool:
             import ctypes
 
             _SYNCFS = ctypes.CDLL(None, use_errno=True).syncfs
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # not Linux
             _SYNCFS = False
     return bool(_SYNCFS) and _SYNCFS(fd) == 0
 
