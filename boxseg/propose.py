@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from boxseg.config import ProposalConfig
 from boxseg.crf import CRFParams, refine_in_boxes
-from boxseg.data.boxes import box_pixel_range, union_box_mask
+from boxseg.data.boxes import box_pixel_range
 from boxseg.data.coco import encode_rle
 from boxseg.data.files import encode_label_png, write_bytes_atomic, write_files_atomic
 from boxseg.data.images import ImageSet
@@ -59,8 +59,8 @@ from boxseg.threads import available_cpus
 from boxseg.workers import background_worker, before_fork, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
 from boxseg.predict.image import letterbox, letterbox_params, segnet2_inputs, unletterbox
-from boxseg.proposals import (merge_foreground, merge_foreground_batch, merge_foreground_fast, merge_foreground_torch,
-                              range_masks)
+from boxseg.proposals import (fill_ranges, merge_foreground, merge_foreground_batch, merge_foreground_fast,
+                              merge_foreground_torch, range_masks)
 
 STAGES = ("wait_decode", "upload", "model", "post", "download", "wait_writers")
 
@@ -170,11 +170,7 @@ class _Inputs:
                  segnet1) -> torch.Tensor:
         x = self.buf[: len(ranges)]
         if self.device.type == "cpu":
-            box = x[:, 3].numpy()
-            box.fill(0.0)
-            for p, rs in enumerate(ranges):
-                for r0, r1, c0, c1 in rs.tolist():
-                    box[p, r0:r1, c0:c1] = 1.0
+            fill_ranges(x[:, 3].numpy(), ranges, 1.0)
             return segnet2_inputs(canvases, None, cls, segnet1, img_idx, out=x)
         return segnet2_inputs(canvases, range_masks(ranges, self.size, self.size, self.device), cls, segnet1, img_idx,
                               out=x)
@@ -425,7 +421,8 @@ def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: t
             if cfg.merge == "order":
                 lab = merge_foreground(fg.numpy(), cls, rec["boxes"], rec["labels"], cfg.threshold, mode="order")
             else:
-                inside = np.stack([union_box_mask(rec["boxes"][rec["labels"] == c], lb.h, lb.w) for c in cls])
+                inside = fill_ranges(np.empty((len(cls), lb.h, lb.w), bool),
+                                     [rec["image_ranges"][rec["labels"] == c] for c in cls], True)
                 lab = merge_foreground_fast(fg.numpy(), cls, inside, cfg.threshold, cfg.margin, cfg.class_margin)
             labels[j, : lb.h, : lb.w] = torch.from_numpy(lab)
             continue

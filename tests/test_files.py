@@ -18,10 +18,10 @@ def test_write_files_atomic_writes_every_file_whole_with_the_usual_mode(tmp_path
     the same files, bytes and modes, no temporary left."""
     calls = []
     if syncfs:
-        real = files._syncfs
-        monkeypatch.setattr(files, "_syncfs", lambda fd: calls.append(fd) or real(fd))
+        real = files._SYNCFS
+        monkeypatch.setattr(files, "_SYNCFS", lambda fd: calls.append(fd) or real(fd))
     else:
-        monkeypatch.setattr(files, "_SYNCFS", False)
+        monkeypatch.setattr(files, "_SYNCFS", None)
         fsync = os.fsync
         monkeypatch.setattr(files.os, "fsync", lambda fd: calls.append(fd) or fsync(fd))
     items = [(tmp_path / "sub" / f"{k}.png", bytes([k]) * (100 + k)) for k in range(5)]
@@ -40,7 +40,7 @@ def test_a_failed_batch_leaves_no_temporary_and_renames_nothing(tmp_path, monkey
     """A write error before the renames: no file of the batch appears, no temporary stays."""
     def full(fd):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(files, "_syncfs", full)
+    monkeypatch.setattr(files, "_SYNCFS", full)
     with pytest.raises(files.NoSpace):
         write_files_atomic([(tmp_path / "a.png", b"a"), (tmp_path / "b.png", b"b")])
     assert list(tmp_path.iterdir()) == []

@@ -246,52 +246,32 @@ def output_folder(path: Path, option: str = "--out") -> Path:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """`atomic_path` for bytes in hand, through one file descriptor (one open instead of
-    three: this writes every proposal PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """`write_files_atomic` for one file (fsynced, renamed over `path`)."""
+    write_files_atomic([(path, data)])
+
+
+def _libc_syncfs():
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            failpoint(f"write:{path.name}")
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise NoSpace(path) from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError, TypeError):  # not Linux
+        return None
 
 
-def _syncfs(fd: int) -> bool:
-    """Linux: flush the whole filesystem holding `fd` (one journal commit). False elsewhere."""
-    global _SYNCFS
-    if _SYNCFS is None:
-        try:
-            import ctypes
-
-            _SYNCFS = ctypes.CDLL(None, use_errno=True).syncfs
-        except (OSError, AttributeError, TypeError):  # not Linux
-            _SYNCFS = False
-    return bool(_SYNCFS) and _SYNCFS(fd) == 0
-
-
-_SYNCFS = None
+_SYNCFS = _libc_syncfs()
 
 
 def write_files_atomic(items: Sequence[tuple[Path, bytes]]) -> None:
-    """Write several files, each atomically (a temporary file beside it, renamed over it),
-    made durable by one filesystem sync (Linux `syncfs`) before the renames instead of one
-    fsync a file: on the CI machine's ext4 0.1 ms a file against 0.35-0.5 ms (batches of 8 to
-    64). Renamed in the given order, so a kill leaves each file whole or absent, and a later
-    one never without an earlier one (an image's instance masks before its PNG). Where
-    `syncfs` is missing or fails, every file is fsynced."""
+    """Write several files, each atomically (a temporary file beside it, renamed over it).
+    Several are made durable by one filesystem sync (Linux `syncfs`) before the renames
+    instead of one fsync a file: on the CI machine's ext4 0.1 ms a file against 0.35-0.5 ms
+    (batches of 8 to 64); one file, or where `syncfs` is missing or fails, is fsynced.
+    Renamed in the given order, so a kill leaves each file whole or absent, and a later one
+    never without an earlier one (an image's instance masks before its PNG). A full disk
+    raises NoSpace naming the file being written."""
     temps: list[tuple[str, Path]] = []
+    path = Path(items[0][0]) if items else None
     try:
         for path, data in items:
             path = Path(path)
@@ -303,29 +283,36 @@ def write_files_atomic(items: Sequence[tuple[Path, bytes]]) -> None:
                 f.flush()
                 failpoint(f"write:{path.name}")
                 os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
-        if temps:
-            fd = os.open(temps[0][0], os.O_RDONLY)
-            try:
-                synced = _syncfs(fd)
-            finally:
-                os.close(fd)
-            if not synced:
-                for tmp, _ in temps:
-                    fd = os.open(tmp, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                if len(items) == 1:
+                    os.fsync(f.fileno())
+        if len(temps) > 1 and not _synced(temps[0][0]):
+            for tmp, path in temps:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         for tmp, path in temps:
             os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise NoSpace(temps[-1][1] if temps else Path(items[0][0])) from None
+            raise NoSpace(path) from None
         raise
     finally:
         for tmp, _ in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _synced(some_file: str) -> bool:
+    """syncfs on the filesystem holding `some_file`; False where there is none or it fails."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(some_file, os.O_RDONLY)
+    try:
+        return _SYNCFS(fd) == 0
+    finally:
+        os.close(fd)
 
 
 def encode_label_png(label: np.ndarray) -> bytes:

@@ -180,6 +180,7 @@ class VOCDataset:
                 self.log.skip(err, item=sample_id)
                 continue
             self.entries.append(entry)
+        self._ids = tuple(e.id for e in self.entries)  # built once: `ImageSet.id(i)` asks per item
 
     def _index(self, sample_id: str, boxes: bool) -> _Entry:
         image = resolve_inside(self.root / "JPEGImages", f"{sample_id}.jpg", self.list_path)
@@ -234,9 +235,6 @@ class VOCDataset:
 
     @property
     def ids(self) -> tuple[str, ...]:
-        """The items' ids in order (built once: `ImageSet.id(i)` asks per item)."""
-        if getattr(self, "_ids", None) is None or len(self._ids) != len(self.entries):
-            self._ids = tuple(e.id for e in self.entries)
         return self._ids
 
     def annotation(self, i: int) -> BoxAnnotation | None:
