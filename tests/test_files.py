@@ -56,3 +56,75 @@ def test_a_kill_inside_a_batch_leaves_earlier_files_absent_not_partial(tmp_path)
     assert r.returncode == -9, r.stderr
     names = [p.name for p in tmp_path.iterdir()]
     assert names and all(n.startswith(".") and n.endswith(".tmp") for n in names)
+
+
+def _jpeg(arr, **kw) -> bytes:
+    import io
+
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, "JPEG", **kw)
+    return b.getvalue()
+
+
+def _pillow_rgb(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (121, 139), (1, 1), (17, 9)])
+def test_jpegs_decode_to_pillows_pixels_through_opencv(tmp_path, hw, monkeypatch):
+    """read_image's OpenCV path gives Pillow's bytes for every subsampling, progressive,
+    optimised and greyscale JPEG (both libjpeg-turbo, integer DCT, fancy upsampling)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    taken = []
+    fast = files._decode_jpeg
+    monkeypatch.setattr(files, "_decode_jpeg", lambda d, i: taken.append(1) or fast(d, i))
+    rng = np.random.default_rng(hw[0])
+    coarse = rng.integers(0, 256, (hw[0] // 8 + 2, hw[1] // 8 + 2, 3), dtype=np.uint8)
+    arr = np.ascontiguousarray(cv2.resize(coarse, (hw[1], hw[0]), interpolation=cv2.INTER_CUBIC))
+    arr[::3, ::5] = rng.integers(0, 256, arr[::3, ::5].shape, dtype=np.uint8)  # some sharp detail
+    variants = [dict(quality=95), dict(quality=75, subsampling=0), dict(quality=75, subsampling=1),
+                dict(quality=75, subsampling=2), dict(quality=90, progressive=True), dict(quality=40, optimize=True)]
+    for k, kw in enumerate(variants):
+        for mode in ("RGB", "L"):
+            path = tmp_path / f"{k}{mode}.jpg"
+            path.write_bytes(_jpeg(np.asarray(Image.fromarray(arr).convert(mode)), **kw))
+            n = len(taken)
+            got = files.read_image(path)
+            assert len(taken) == n + 1 and got.dtype == np.uint8 and got.flags.writeable
+            np.testing.assert_array_equal(got, _pillow_rgb(path), err_msg=f"{kw} {mode}")
+
+
+def test_jpegs_opencv_does_not_take_decode_as_pillow_does(tmp_path):
+    """Truncated: an error naming the file (libjpeg alone would fill in grey); CMYK, and bytes
+    after the end marker: Pillow's pixels; an EXIF orientation: ignored, as by Pillow."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    data = _jpeg(arr, quality=90)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(files.DataError, match=r"cut\.jpg: cannot decode image"):
+        files.read_image(cut)
+    (tmp_path / "trailing.jpg").write_bytes(data + b"\x00junk")
+    (tmp_path / "cmyk.jpg").write_bytes(b"")
+    Image.fromarray(arr).convert("CMYK").save(tmp_path / "cmyk.jpg", "JPEG", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(arr).save(tmp_path / "exif.jpg", "JPEG", quality=90, exif=exif.tobytes())
+    for name in ("trailing.jpg", "cmyk.jpg", "exif.jpg"):
+        got = files.read_image(tmp_path / name)
+        np.testing.assert_array_equal(got, _pillow_rgb(tmp_path / name), err_msg=name)
+    assert files.read_image(tmp_path / "exif.jpg").shape == (40, 60, 3)
+    for bad, problem in ((tmp_path / "none.jpg", "image file is missing"), (tmp_path, "image file is missing")):
+        with pytest.raises(files.DataError, match=problem):
+            files.read_image(bad)

@@ -61,7 +61,8 @@ def _model(spec: str, preset: str, size: int | None):
               show_default=True, help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
 @click.option("--e2e-runs", type=click.IntRange(min=1), default=3, show_default=True,
-              help="--e2e: timed runs of the pipeline after a warm-up run; the median is reported.")
+              help="--e2e: timed runs of the pipeline after a warm-up run, each against the model alone timed just "
+                   "before it; the median of their ratios is reported.")
 @click.option("--compile-mode", default="auto", show_default=True,
               help="torch.compile mode of the compile backend: auto (reduce-overhead on CUDA, default on CPU), "
                    "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")
