@@ -215,7 +215,8 @@ def test_cli_bad_image_named_or_skipped(world_copy, tmp_path, ckpts):
     assert not (tmp_path / "b" / f"{bad}.png").exists()
 
 
-def test_non_finite_output_is_reported_not_written(world, tmp_path):
+@pytest.mark.parametrize("where", ["whole map NaN", "one logit NaN", "one logit +inf"])
+def test_non_finite_output_is_reported_not_written(world, tmp_path, where):
     images = _train_set(world)
     from boxseg.predict.torch_backends import TorchPredictor
 
@@ -225,7 +226,10 @@ def test_non_finite_output_is_reported_not_written(world, tmp_path):
             if not hasattr(self, "seen"):
                 self.seen = True
                 y = y.clone()
-                y[0] = float("nan")
+                if where == "whole map NaN":
+                    y[0] = float("nan")
+                else:  # one pixel of one pair: its whole map is refused
+                    y[0, 1, 5, 7] = float("nan") if where == "one logit NaN" else float("inf")
             return y
 
     model = FirstOutputNaN(_model(segnet2_meta(S2, 4), 0), segnet2_meta(S2, 4), torch.device("cpu"), "fp32", 3)
