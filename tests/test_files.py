@@ -128,3 +128,13 @@ def test_jpegs_opencv_does_not_take_decode_as_pillow_does(tmp_path):
     for bad, problem in ((tmp_path / "none.jpg", "image file is missing"), (tmp_path, "image file is missing")):
         with pytest.raises(files.DataError, match=problem):
             files.read_image(bad)
+
+
+def test_a_file_too_large_to_read_whole_is_streamed_to_pillow(tmp_path, monkeypatch):
+    import numpy as np
+
+    arr = np.random.default_rng(1).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    (tmp_path / "a.jpg").write_bytes(_jpeg(arr, quality=90))
+    monkeypatch.setattr(files, "_READ_WHOLE", 100)
+    monkeypatch.setattr(files, "_decode_jpeg", lambda d, i: pytest.fail("read whole"))
+    np.testing.assert_array_equal(files.read_image(tmp_path / "a.jpg"), _pillow_rgb(tmp_path / "a.jpg"))
