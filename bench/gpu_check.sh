@@ -15,6 +15,8 @@
 #                   a batch: the model stage without its ~300 launches a batch)
 #   e2e_decode_threads  cudagraph with decode threads instead of DataLoader processes (on the 2-core
 #                   CPU threads won: no copy-on-write faults after forking; on CUDA the GIL may decide)
+#   e2e_forkserver  cudagraph with decoder processes forked from a forkserver, not from the CUDA
+#                   process (its worker start-up, and its copy-on-write faults, are what differ)
 #   e2e_threads     the same with writer threads (the GIL hypothesis: bench/results/gpu_h200_20261127_b)
 #   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
@@ -70,6 +72,7 @@ E="--model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --bat
 step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
 step e2e_cudagraph 90 $B $E --backends cudagraph --tag segnet2_512_e2e_cudagraph
 step e2e_decode_threads 60 $B $E --backends cudagraph --decoders threads --tag segnet2_512_e2e_cudagraph_decode_threads
+step e2e_forkserver 60 $B $E --backends cudagraph --decoders forkserver --tag segnet2_512_e2e_cudagraph_forkserver
 step e2e_threads 60 $B $E --backends torch --writers threads --tag segnet2_512_e2e_threads
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
 step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R

@@ -258,7 +258,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
               device: torch.device, workers: int, warmup: int, iters: int, log=print,
               backends: tuple[str, ...] = ("torch",), compile_mode: str | None = "auto",
               writer_processes: bool | None = None, decode_processes: bool | None = None,
-              e2e_runs: int = 3) -> list[BenchRow]:
+              e2e_runs: int = 3, decode_start: str = "fork") -> list[BenchRow]:
     """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, device
     post-processing, download, PNG writes) on `images` (an ImageSet), against the same
     Predictor alone on inputs of the same shape and batch. Throughput is in (image, class)
@@ -300,7 +300,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                         with tempfile.TemporaryDirectory() as out:
                             run = propose(pred, None, images, Path(out), meta["input_size"], ProposalConfig(batch=b),
                                           device, precision, workers, writer_processes=writer_processes,
-                                          decode_processes=decode_processes)
+                                          decode_processes=decode_processes, decode_start=decode_start)
                         if rep:
                             timed.append((run, b / (statistics.median(lat) / 1000)))
                     med = statistics.median(lats)

@@ -125,6 +125,18 @@ def _decode_in_threads(ds: _Decoded, chunk: int, workers: int, pin: bool = False
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+def _forkserver():
+    """The forkserver start method, its server preloading this module (torch, numpy, Pillow,
+    OpenCV), so that a worker starts by a fork of that small process. The server starts on
+    first use and serves every later run of this process; the child re-imports the main
+    module as multiprocessing's spawn does (scripts need the `if __name__ == "__main__"` guard)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def _collate(recs: list[dict]) -> dict:
     """A chunk of decoded images: one uint8 (B, S, S, 3) tensor of the good ones' canvases."""
     good = [r for r in recs if "error" not in r]
@@ -186,7 +198,7 @@ class ProposalRun:
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)            # seconds per stage (STAGES), device_busy
     writers: str = ""                                     # "threads" or "processes"
-    decoders: str = ""                                    # "threads", "processes" or "main thread"
+    decoders: str = ""                                    # "threads", "processes[ (forkserver)]", "main thread"
 
     @property
     def model_seconds(self) -> float:
@@ -227,7 +239,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             device: torch.device, precision: str = "fp32", workers: int = 0, instances: bool = False,
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
             progress: bool = False, writers: int | None = None, chunk: int = 16,
-            writer_processes: bool | None = None, decode_processes: bool | None = None) -> ProposalRun:
+            writer_processes: bool | None = None, decode_processes: bool | None = None,
+            decode_start: str = "fork") -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
     image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
     is wrapped in the eager one at `precision`). A bad image raises DataError naming the
@@ -237,7 +250,10 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     `writer_processes` (default: on CUDA) forked processes fed by one thread each, so that
     their Python work never holds the GIL the main loop needs between kernel launches.
     `workers` decode: DataLoader processes with `decode_processes` (default: on CUDA), else
-    threads (`_decode_in_threads`); 0 decodes in the main thread."""
+    threads (`_decode_in_threads`); 0 decodes in the main thread. `decode_start` starts the
+    processes by "fork" (of this process) or "forkserver" (`_forkserver`: forked from a small
+    server process, so this one, with its CUDA context and heap, is neither copied nor left
+    with copy-on-write faults; the dataset is pickled to each worker instead)."""
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -259,6 +275,10 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         run.decoders = "main thread"
     else:
         run.decoders = "processes" if (cuda if decode_processes is None else decode_processes) else "threads"
+        if decode_start not in ("fork", "forkserver"):
+            raise ValueError(f"decode_start must be fork or forkserver, not {decode_start!r}")
+        if run.decoders == "processes" and decode_start == "forkserver":
+            run.decoders = "processes (forkserver)"
     clock = _Clock(device)
     inputs = _Inputs(cfg.batch, 4 if segnet1 is None else 5, size, device)
     pending: dict[int, _Image] = {}
@@ -337,11 +357,13 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         if run.decoders == "threads":
             it = _decode_in_threads(decoded, max(1, chunk), workers, pin=cuda)
         else:
-            if workers:
+            context = _forkserver() if workers and decode_start == "forkserver" else None
+            if workers and context is None:
                 before_fork()
             it = iter(DataLoader(decoded, batch_size=max(1, chunk), collate_fn=_collate, num_workers=workers,
                                  prefetch_factor=2 if workers else None, pin_memory=cuda, persistent_workers=False,
-                                 worker_init_fn=background_worker if not cuda else foreground_worker))
+                                 worker_init_fn=background_worker if not cuda else foreground_worker,
+                                 multiprocessing_context=context))
         while True:
             tw = time.perf_counter()
             batch = next(it, None)
@@ -643,7 +665,9 @@ def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
     busy = [r["stages"]["device_busy"] for r in runs if "device_busy" in r.get("stages", {})]
     timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
               "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs), "stages": stages,
-              "device_busy": round(sum(busy) / len(busy), 4) if busy else None}
+              "device_busy": round(sum(busy) / len(busy), 4) if busy else None,
+              # how the run decoded and wrote (every rank alike)
+              "decoders": runs[0].get("decoders"), "writers": runs[0].get("writers")}
     if secs > 0:
         timing["images_per_s"] = round(written / secs, 2)
         timing["pairs_per_s"] = round(counts["pairs"] / secs, 2)

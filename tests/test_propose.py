@@ -165,6 +165,14 @@ def test_cli_manifest_quality_and_baselines(world, tmp_path, ckpts):
     assert st["model"] > 0 and st["wall"] == pytest.approx(m["timing"]["seconds"], abs=1e-3)
     assert st["wait_decode"] + st["model"] + st["upload"] <= st["wall"] and 0 < m["timing"]["device_busy"] <= 1
     assert "where the time went: wait_decode" in r.output
+    # decoder processes from a forkserver (--decoders): the same bytes, recorded in the manifest
+    fs = tmp_path / "fs"
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), *args[:2], "--out", str(fs), "--batch", "7",
+                                         "--workers", "2", "--decoders", "forkserver"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((fs / "manifest.json").read_text())["timing"]["decoders"] == "processes (forkserver)"
+    assert m["timing"]["decoders"] == "main thread" and m["timing"]["writers"] == "threads"
+    assert _labels(fs) == _labels(out)
     # a rerun writes nothing new
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), *args])
     assert json.loads((out / "manifest.json").read_text())["counts"]["skipped_existing"] == n
@@ -384,33 +392,38 @@ def test_writer_processes_write_the_bytes_of_writer_threads(world, tmp_path):
 
 
 def test_decode_threads_processes_and_main_thread_write_the_same_bytes(world_copy, tmp_path):
-    """Decoders are threads on CPU, DataLoader processes on CUDA, the main thread with 0
-    workers: the same bytes, and a bad image is reported by each (named, or skipped and
-    logged with --skip-bad)."""
+    """Decoders are threads on CPU, DataLoader processes on CUDA (forked, or from a
+    forkserver), the main thread with 0 workers: the same bytes, and a bad image is
+    reported by each (named, or skipped and logged with --skip-bad)."""
     from boxseg.errors import BadInputLog, DataError
 
     model = _model(segnet2_meta(S2, 4), 0)
     images = ImageSet(VOCDataset(world_copy.voc_root, "train"), NUM_VOC_CLASSES)
     outs, kinds = [], []
-    for workers, procs in ((0, None), (2, False), (2, True), (3, False)):
-        out = tmp_path / f"{workers}-{procs}"
+    for workers, procs, start in ((0, None, "fork"), (2, False, "fork"), (2, True, "fork"), (3, False, "fork"),
+                                  (2, True, "forkserver")):
+        out = tmp_path / f"{workers}-{procs}-{start}"
         run = propose(model, None, images, out, S2.input_size, ProposalConfig(batch=8), torch.device("cpu"), "fp32",
-                      workers, chunk=3, decode_processes=procs)
+                      workers, chunk=3, decode_processes=procs, decode_start=start)
         assert run.written == len(images) and run.to_dict()["decoders"] == run.decoders
         outs.append(_labels(out))
         kinds.append(run.decoders)
-    assert kinds == ["main thread", "threads", "processes", "threads"]
+    assert kinds == ["main thread", "threads", "processes", "threads", "processes (forkserver)"]
     assert outs[0] and all(o == outs[0] for o in outs)
+    with pytest.raises(ValueError, match="decode_start must be fork or forkserver"):
+        propose(model, None, images, tmp_path / "x", S2.input_size, ProposalConfig(batch=8), torch.device("cpu"),
+                "fp32", 2, decode_processes=True, decode_start="spawn")
     bad = world_copy.voc_root / "JPEGImages" / f"{images.id(5)}.jpg"
     bad.write_bytes(b"not a jpeg")
-    for procs in (False, True):
+    for procs, start in ((False, "fork"), (True, "fork"), (True, "forkserver")):
         with pytest.raises(DataError, match="cannot decode image") as e:
-            propose(model, None, images, tmp_path / f"bad-{procs}", S2.input_size, ProposalConfig(batch=8),
-                    torch.device("cpu"), "fp32", 2, chunk=3, decode_processes=procs)
+            propose(model, None, images, tmp_path / f"bad-{procs}-{start}", S2.input_size, ProposalConfig(batch=8),
+                    torch.device("cpu"), "fp32", 2, chunk=3, decode_processes=procs, decode_start=start)
         assert str(bad) in str(e.value)
         log = BadInputLog()
-        run = propose(model, None, images, tmp_path / f"skip-{procs}", S2.input_size, ProposalConfig(batch=8),
-                      torch.device("cpu"), "fp32", 2, chunk=3, decode_processes=procs, skip_bad=True, log=log)
+        run = propose(model, None, images, tmp_path / f"skip-{procs}-{start}", S2.input_size, ProposalConfig(batch=8),
+                      torch.device("cpu"), "fp32", 2, chunk=3, decode_processes=procs, decode_start=start,
+                      skip_bad=True, log=log)
         assert run.written == len(images) - 1 and len(log.skipped) == 1
         assert log.skipped[0]["path"] == str(bad) and "cannot decode image" in log.skipped[0]["problem"]
 

@@ -57,8 +57,10 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--voc-root", type=click.Path(path_type=Path), help="Images for --e2e.")
 @click.option("--writers", "writer_kind", type=click.Choice(["auto", "threads", "processes"]), default="auto",
               show_default=True, help="--e2e: boxseg-propose's PNG writers (auto: processes on CUDA, threads on CPU).")
-@click.option("--decoders", "decoder_kind", type=click.Choice(["auto", "threads", "processes"]), default="auto",
-              show_default=True, help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU).")
+@click.option("--decoders", "decoder_kind", type=click.Choice(["auto", "threads", "processes", "forkserver"]),
+              default="auto", show_default=True,
+              help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU; forkserver: "
+                   "processes forked from a small server process instead of this one).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
 @click.option("--e2e-runs", type=click.IntRange(min=1), default=3, show_default=True,
               help="--e2e: timed runs of the pipeline after a warm-up run, each against the model alone timed just "
@@ -105,7 +107,8 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
                          log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
                          compile_mode=compile_mode,
                          writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
-                         decode_processes={"auto": None, "threads": False, "processes": True}[decoder_kind],
+                         decode_processes=None if decoder_kind == "auto" else decoder_kind != "threads",
+                         decode_start="forkserver" if decoder_kind == "forkserver" else "fork",
                          e2e_runs=e2e_runs)
     else:
         rows = bench(model, meta, name, (backends or "torch,torch-cl,onnxruntime").split(","), precision_list,

@@ -80,6 +80,10 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Image decoders: threads on CPU, DataLoader processes on CUDA; 0 decodes in the main loop.")
+@click.option("--decoders", type=click.Choice(["auto", "threads", "processes", "forkserver"]), default="auto",
+              show_default=True,
+              help="What --workers are: auto (processes on CUDA, threads on CPU), threads, DataLoader processes "
+                   "forked from this process, or forked from a small forkserver process instead.")
 @click.option("--instances", is_flag=True, help="Also write per-box masks (COCO results, RLE) and their mask AP.")
 @click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True,
               help="Foreground probability at or above which a pixel inside a box takes the box's class.")
@@ -103,8 +107,8 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 @threads_option
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad, backend,
-         overwrite, threads) -> None:
+         workers, decoders, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad,
+         backend, overwrite, threads) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
     from boxseg.cli.train import resolve_device
@@ -140,7 +144,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
                    segnet1_sha256=_digest(segnet1_path), backend=backend or _own_backend(model_path),
                    precision=precision, instances=instances, data=target.describe, **_merge_fields(cfg))
             info, run = _learned(model_path, segnet1_path, target, out_dir, cfg, dev, precision, workers, instances,
-                                 skip_bad, log, (rank, world), backend)
+                                 skip_bad, log, (rank, world), backend, decoders)
         else:
             if instances:
                 raise click.UsageError("--instances is for --method learned")
@@ -208,7 +212,7 @@ def _claim(out_dir: Path, overwrite: bool, **signature) -> None:
 
 
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
-             log, shard, backend=None):
+             log, shard, backend=None, decoders="auto"):
     from boxseg.export.artifacts import open_predictor
     from boxseg.propose import propose
 
@@ -226,7 +230,9 @@ def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precis
     elif segnet1_path is not None:
         raise click.UsageError(f"{model_path} is a 4-channel SegNet2 (round 1): it takes no --segnet1")
     run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
-                  workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty())
+                  workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty(),
+                  decode_processes=None if decoders == "auto" else decoders != "threads",
+                  decode_start="forkserver" if decoders == "forkserver" else "fork")
     info = {"model": str(model_path), "model_meta": segnet2.meta, "predictor": segnet2.describe(),
             "segnet1": str(segnet1_path) if segnet1_path else None}
     return info, run.to_dict()
