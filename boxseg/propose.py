@@ -5,9 +5,10 @@ The pipeline is a chain of stages with bounded queues:
   decode    workers decode each image and its boxes (not its ground truth), letterbox it to
             the network size and compute its boxes' pixel ranges (on the canvas and on the
             image); a chunk of images arrives as one uint8 (B, S, S, 3) tensor, pinned on
-            CUDA. On CUDA the workers are DataLoader processes; on CPU threads, since forked
-            processes made the model's process pay a copy-on-write fault on every page it
-            wrote afterwards;
+            CUDA. On CUDA the workers are DataLoader processes (forked, or with
+            `decode_start="forkserver"` forked from a small server process); on CPU threads,
+            since forked processes made the model's process pay a copy-on-write fault on
+            every page it wrote afterwards;
   upload    one non-blocking copy per chunk;
   model     pairs in fixed-size batches (`cfg.batch`; only the last is short): the input
             built on the device into one buffer reused batch after batch (normalised image,
