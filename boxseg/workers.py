@@ -48,3 +48,17 @@ def foreground_worker(_: int) -> None:
 def background_worker(_: int) -> None:
     die_with_parent()
     lower_priority()
+
+
+# boxseg-propose's and boxseg-bench's --decoders: what its decode --workers are
+DECODERS = ("auto", "threads", "processes", "forkserver")
+
+
+def decoder_options(kind: str) -> dict:
+    """`boxseg.propose.propose`'s decoder arguments for a `--decoders` choice (DECODERS):
+    auto (processes on CUDA, threads on CPU), threads, DataLoader processes forked from this
+    process, or forked from a forkserver."""
+    if kind not in DECODERS:
+        raise ValueError(f"decoders must be one of {', '.join(DECODERS)}, not {kind!r}")
+    return {"decode_processes": None if kind == "auto" else kind != "threads",
+            "decode_start": "forkserver" if kind == "forkserver" else "fork"}

@@ -12,6 +12,7 @@ import click
 
 from boxseg.cli import HELP, Exit, threads_option, version
 from boxseg.threads import configure_threads
+from boxseg.workers import DECODERS, decoder_options
 
 
 def _model(spec: str, preset: str, size: int | None):
@@ -57,7 +58,7 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--voc-root", type=click.Path(path_type=Path), help="Images for --e2e.")
 @click.option("--writers", "writer_kind", type=click.Choice(["auto", "threads", "processes"]), default="auto",
               show_default=True, help="--e2e: boxseg-propose's PNG writers (auto: processes on CUDA, threads on CPU).")
-@click.option("--decoders", "decoder_kind", type=click.Choice(["auto", "threads", "processes", "forkserver"]),
+@click.option("--decoders", "decoder_kind", type=click.Choice(DECODERS),
               default="auto", show_default=True,
               help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU; forkserver: "
                    "processes forked from a small server process instead of this one).")
@@ -107,9 +108,7 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
                          log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
                          compile_mode=compile_mode,
                          writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
-                         decode_processes=None if decoder_kind == "auto" else decoder_kind != "threads",
-                         decode_start="forkserver" if decoder_kind == "forkserver" else "fork",
-                         e2e_runs=e2e_runs)
+                         e2e_runs=e2e_runs, **decoder_options(decoder_kind))
     else:
         rows = bench(model, meta, name, (backends or "torch,torch-cl,onnxruntime").split(","), precision_list,
                      batch_list, dev, warmup, iters, log=lambda s: click.echo(s, err=True), compile_mode=compile_mode)

@@ -19,6 +19,7 @@ from boxseg.errors import BadInputLog, DataError, NoSpace
 from boxseg.predict import BACKENDS, default_precision
 from boxseg.propose import merge_manifest
 from boxseg.threads import configure_threads
+from boxseg.workers import DECODERS, decoder_options
 from boxseg.versions import library_versions
 
 METHODS = ("learned", "box", "box-centre", "grabcut")
@@ -80,7 +81,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Image decoders: threads on CPU, DataLoader processes on CUDA; 0 decodes in the main loop.")
-@click.option("--decoders", type=click.Choice(["auto", "threads", "processes", "forkserver"]), default="auto",
+@click.option("--decoders", type=click.Choice(DECODERS), default="auto",
               show_default=True,
               help="What --workers are: auto (processes on CUDA, threads on CPU), threads, DataLoader processes "
                    "forked from this process, or forked from a small forkserver process instead.")
@@ -231,8 +232,7 @@ def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precis
         raise click.UsageError(f"{model_path} is a 4-channel SegNet2 (round 1): it takes no --segnet1")
     run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
                   workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty(),
-                  decode_processes=None if decoders == "auto" else decoders != "threads",
-                  decode_start="forkserver" if decoders == "forkserver" else "fork")
+                  **decoder_options(decoders))
     info = {"model": str(model_path), "model_meta": segnet2.meta, "predictor": segnet2.describe(),
             "segnet1": str(segnet1_path) if segnet1_path else None}
     return info, run.to_dict()

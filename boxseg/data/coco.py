@@ -170,6 +170,12 @@ def _check_annotation(ann: dict, cats: set[int], path: Path) -> None:
         raise DataError(path, f"annotation {aid} has no usable segmentation")
 
 
+def _box(ann: dict, w: int, h: int) -> np.ndarray:
+    """An annotation's bbox (x, y, width, height) as float32 x0, y0, x1, y1 clipped to the image."""
+    x, y, bw, bh = ann["bbox"]
+    return clip_boxes(np.array([[x, y, x + bw, y + bh]], np.float32), w, h)[0][0]
+
+
 class COCOSource:
     """The source set: COCO images holding at least one object of the 60 non-VOC classes.
 
@@ -278,11 +284,9 @@ class COCOSource:
         h, w = int(info["height"]), int(info["width"])
         image = self._check_image(self.paths[info["id"]], (h, w))
         objs = [a for a in self.annotations(i) if not a.get("iscrowd", 0)]
-        boxes = [clip_boxes(np.array([[x, y, x + bw, y + bh]], np.float32), w, h)[0][0]
-                 for x, y, bw, bh in (a["bbox"] for a in objs)]
-        return COCOSample(int(info["id"]), image, np.stack(boxes).astype(np.float32) if boxes else
-                          np.zeros((0, 4), np.float32), np.array([self._to_index[a["category_id"]] for a in objs],
-                                                                  dtype=np.int64), None, [])
+        boxes = np.stack([_box(a, w, h) for a in objs]) if objs else np.zeros((0, 4), np.float32)
+        return COCOSample(int(info["id"]), image, boxes,
+                          np.array([self._to_index[a["category_id"]] for a in objs], dtype=np.int64), None, [])
 
     def __getitem__(self, i: int) -> COCOSample:
         info = self.images[i]
@@ -307,10 +311,8 @@ class COCOSource:
         for ann in self.annotations(i):
             m = self.coco.annToMask(ann).astype(bool)
             label = self._to_index[ann["category_id"]]
-            x, y, bw, bh = ann["bbox"]
-            box, _ = clip_boxes(np.array([[x, y, x + bw, y + bh]], np.float32), w, h)
             is_crowd = bool(ann.get("iscrowd", 0))
-            instances.append(Instance(label, box[0], m, is_crowd))
+            instances.append(Instance(label, _box(ann, w, h), m, is_crowd))
             if is_crowd:
                 crowd |= m
             else:
