@@ -70,6 +70,11 @@ def merge_foreground_fast(probs: np.ndarray, classes: list[int], inside: np.ndar
     if k == 0:
         return np.zeros((h, w), np.uint8)
     minus1 = np.float32(-1.0)
+    if k == 1 and not minus1 >= threshold - margin:  # one class (most images): no runner-up
+        fg, box = probs[0], inside[0]   # where outside the boxes, masked below
+        out = np.where(box & (fg >= threshold), np.uint8(classes[0]), np.uint8(0))
+        out[box & (np.abs(fg - threshold) < margin)] = IGNORE
+        return out
     p1 = np.where(inside[0], probs[0], minus1)
     p2 = np.full((h, w), minus1, probs.dtype)
     cls = np.full((h, w), classes[0], np.uint8)

@@ -113,6 +113,25 @@ def test_device_merge_equals_numpy_on_random_overlapping_boxes(mode):
         assert np.array_equal(ref, got), trial
 
 
+@pytest.mark.parametrize("threshold,margin", [(0.5, 0.1), (0.5, 0.5), (0.5, 1.5), (-0.95, 0.1)])
+def test_one_class_merge_equals_the_reference(threshold, margin):
+    """merge_foreground_fast's one-class shortcut (no runner-up class): the same bytes, also
+    where threshold - margin <= -1 makes the absent runner-up (-1) count as close."""
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        h, w = rng.integers(5, 40, 2)
+        n = int(rng.integers(1, 4))
+        x0, y0 = rng.uniform(-3, w - 1, n), rng.uniform(-3, h - 1, n)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(3, w, n), y0 + rng.uniform(3, h, n)], 1).astype(np.float32)
+        probs = rng.random((1, h, w), dtype=np.float32)
+        probs[:, :2] = np.float32(threshold)
+        probs[:, 2:4] = np.float32(threshold - margin)
+        ref, got = _merge_both(probs, [7], boxes, np.full(n, 7), threshold=threshold, margin=margin, class_margin=2.0)
+        assert np.array_equal(ref, got), trial
+        if threshold - margin <= -1:  # the runner-up rule marks every pixel of the boxes "ignore"
+            assert set(np.unique(ref)) == {0, 255} or set(np.unique(ref)) == {255}
+
+
 def test_device_merge_equals_numpy_on_the_world(world):
     """SegNet2-like probabilities (a random network's, un-letterboxed) over the test world."""
     from boxseg.predict.image import letterbox_params, unletterbox
