@@ -147,16 +147,33 @@ def _collate(recs: list[dict]) -> dict:
 
 class _Clock:
     """Seconds per stage. On CUDA, device stages are timed by events read back when the
-    batch's download is complete (no synchronisation in the main loop)."""
+    batch's download is complete (no synchronisation in the main loop). On CPU the model and
+    post-processing are also kept as intervals (`span`), since model streams overlap each
+    other and the main thread: their union is the time the CPU was doing the model's work."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.totals = dict.fromkeys(STAGES, 0.0)
+        self.spans: dict[str, list[tuple[float, float]]] = {"model": [], "post": []}
         self.lock = threading.Lock()
 
     def add(self, stage: str, seconds: float) -> None:
         with self.lock:
             self.totals[stage] += seconds
+
+    def span(self, stage: str, start: float, end: float) -> None:
+        """A CPU stage from `start` to `end` (perf_counter seconds)."""
+        with self.lock:
+            self.spans[stage].append((start, end))
+
+    def covered(self, *stages: str) -> float:
+        """Seconds during which any of `stages` ran (the union of their intervals)."""
+        total, reach = 0.0, float("-inf")
+        for a, b in sorted(x for st in stages for x in self.spans[st]):
+            if b > reach:
+                total += b - max(a, reach)
+                reach = b
+        return total
 
     def mark(self):
         if self.cuda:
@@ -200,6 +217,7 @@ class ProposalRun:
     timing: dict = field(default_factory=dict)            # seconds per stage (STAGES), device_busy
     writers: str = ""                                     # "threads" or "processes"
     decoders: str = ""                                    # "threads", "processes[ (forkserver)]", "main thread"
+    streams: int = 1                                      # batches in the model at once (CPU: threads)
 
     @property
     def model_seconds(self) -> float:
@@ -209,7 +227,7 @@ class ProposalRun:
         d = {"written": self.written, "skipped_existing": self.skipped_existing, "pairs": self.pairs,
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
              "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
-             "decoders": self.decoders}
+             "decoders": self.decoders, "streams": self.streams}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
             d["pairs_per_s"] = round(self.pairs / self.seconds, 2)
@@ -241,7 +259,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
             progress: bool = False, writers: int | None = None, chunk: int = 16,
             writer_processes: bool | None = None, decode_processes: bool | None = None,
-            decode_start: str = "fork") -> ProposalRun:
+            decode_start: str = "fork", streams: int | None = None) -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
     image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
     is wrapped in the eager one at `precision`). A bad image raises DataError naming the
@@ -281,7 +299,13 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         if run.decoders == "processes" and decode_start == "forkserver":
             run.decoders = "processes (forkserver)"
     clock = _Clock(device)
-    inputs = _Inputs(cfg.batch, 4 if segnet1 is None else 5, size, device)
+    if streams is None:
+        streams = _default_streams(segnet2, segnet1, device)
+    streams = max(1, streams)
+    run.streams = streams
+    inputs = [_Inputs(cfg.batch, 4 if segnet1 is None else 5, size, device) for _ in range(streams)]
+    main_threads = torch.get_num_threads()
+    per_stream = max(1, main_threads // streams)
     pending: dict[int, _Image] = {}
     queue: list[tuple[int, int]] = []
     t0 = time.perf_counter()  # the writer processes' start counts too
@@ -315,7 +339,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             host_done.record()
             job = (host, layout, host_done, (t_model, t_post, ready))
         else:
-            clock.add("post", t_post - tp)
+            clock.span("post", tp, t_post)
             job = (flat, layout, None, None)
         tw = time.perf_counter()
         slots.acquire()
@@ -323,7 +347,28 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         futures.append(pool.submit(_write_batch, out_dir, job, clock, instances, run, slots, precision, procs))
         bar.update(len(done))
 
+    model_pool = (ThreadPoolExecutor(streams, thread_name_prefix="boxseg-model", initializer=torch.set_num_threads,
+                                     initargs=(per_stream,)) if streams > 1 else None)
+    if model_pool is not None:
+        torch.set_num_threads(1)  # the main thread's own torch work: post-processing, small
+    inflight: deque = deque()  # batches in the model streams, oldest first
+    seq = 0
+
+    def forward(args: tuple, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Inputs, the model, foreground probabilities and finite flags of one batch (in a stream)."""
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits = segnet2(inputs[slot](*args))
+            fg = logits.softmax(1)[:, 1]
+            # softmax gives [0, 1] or NaN, and the max propagates NaN: a map's max is finite exactly
+            # when the whole map is (a reduction; isfinite over the maps cost 20x more)
+            finite = torch.isfinite(fg.amax((1, 2)))
+        return fg, finite, (t, time.perf_counter())
+
     def flush(pairs: list[tuple[int, int]]) -> None:
+        nonlocal seq
+        if len(inflight) >= streams:
+            finish(*inflight.popleft())
         t_in = clock.mark()
         order = list(dict.fromkeys(i for i, _ in pairs))         # the batch's images, each once
         pos = {i: k for k, i in enumerate(order)}
@@ -331,11 +376,16 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         img_idx = torch.tensor([pos[i] for i, _ in pairs]).to(device, non_blocking=True)
         cls = torch.tensor([m for _, m in pairs]).to(device, non_blocking=True)
         ranges = [pending[i].rec["ranges"][pending[i].rec["labels"] == m] for i, m in pairs]
-        logits = segnet2(inputs(canvases, img_idx, cls, ranges, segnet1))
-        fg = logits.softmax(1)[:, 1]
-        # softmax gives [0, 1] or NaN, and the max propagates NaN: a map's max is finite exactly
-        # when the whole map is (a reduction; isfinite over the maps cost 20x more)
-        finite = torch.isfinite(fg.amax((1, 2)))
+        args, slot = (canvases, img_idx, cls, ranges, segnet1), seq % streams
+        seq += 1
+        if model_pool is None:
+            finish(pairs, order, forward(args, slot), t_in)
+        else:
+            inflight.append((pairs, order, model_pool.submit(forward, args, slot), t_in))
+
+    def finish(pairs: list[tuple[int, int]], order: list[int], result, t_in) -> None:
+        """A batch's maps to its images, in batch order; post-process the images it completed."""
+        fg, finite, (t0, t1) = result.result() if isinstance(result, Future) else result
         k = 0
         for i in order:  # an image's pairs are consecutive in the queue, in class order
             n = 0
@@ -347,8 +397,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             st.done += n
             k += n
         t_model = clock.mark()
-        if not cuda:
-            clock.add("model", t_model - t_in)
+        if not cuda:  # one stream: from the batch's inputs to its maps handed out; else in the stream
+            clock.span("model", *((t_in, t_model) if model_pool is None else (t0, t1)))
         run.pairs += len(pairs)
         failpoint("propose.batch")
         post([i for i in order if pending[i].done == len(pending[i].rec["classes"])], (t_in, t_model))
@@ -396,6 +446,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             run.written += _reap(futures)
         if queue:
             flush(queue)
+        while inflight:
+            finish(*inflight.popleft())
         tw = time.perf_counter()
         run.written += sum(f.result() for f in futures)  # re-raises a write error here
         futures.clear()
@@ -403,16 +455,33 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     finally:
         if hasattr(it, "close"):  # the decode threads: cancelled and joined
             it.close()
+        if model_pool is not None:
+            model_pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(main_threads)  # the streams set torch's default for new threads
         pool.shutdown(wait=True)
         if procs is not None:
             procs.shutdown(wait=True)
         bar.close()
     run.seconds = time.perf_counter() - t0
-    # the device's busy share: model + post (+ download on CUDA, timed by events)
-    busy = clock.totals["model"] + clock.totals["post"] + clock.totals["download"]
+    # the device's busy share: model + post (+ download on CUDA, timed by events); on CPU the
+    # time covered by the model (in any stream) or post-processing
+    if cuda:
+        busy = clock.totals["model"] + clock.totals["post"] + clock.totals["download"]
+    else:
+        clock.totals["model"], clock.totals["post"] = clock.covered("model"), clock.covered("post")
+        busy = clock.covered("model", "post")
     run.timing = {**clock.totals, "wall": run.seconds,
                   "device_busy": (busy / run.seconds) if run.seconds > 0 else 0.0}
     return run
+
+
+def _default_streams(segnet2, segnet1, device: torch.device) -> int:
+    """Model streams: on CPU with the eager backend, 2 batches in flight on half the threads each."""
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        return 1
+    if any(p is not None and p.backend != "torch" for p in (segnet2, segnet1)):
+        return 1
+    return 2
 
 
 def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: torch.device,
@@ -667,8 +736,9 @@ def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
     timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
               "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs), "stages": stages,
               "device_busy": round(sum(busy) / len(busy), 4) if busy else None,
-              # how the run decoded and wrote (every rank alike)
-              "decoders": runs[0].get("decoders"), "writers": runs[0].get("writers")}
+              # how the run decoded, ran the model and wrote (every rank alike)
+              "decoders": runs[0].get("decoders"), "streams": runs[0].get("streams"),
+              "writers": runs[0].get("writers")}
     if secs > 0:
         timing["images_per_s"] = round(written / secs, 2)
         timing["pairs_per_s"] = round(counts["pairs"] / secs, 2)

@@ -25,6 +25,7 @@ from boxseg.data.images import ImageSet
 from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
 from boxseg.propose import propose
+from boxseg.threads import available_cpus
 from boxseg.models.checkpoint import save_checkpoint
 
 from conftest import first_id
@@ -74,22 +75,28 @@ def _labels(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("channels", [4, 5])
 def test_batched_output_equals_per_image_output(world, tmp_path, channels):
-    """Batch sizes 1, 7 and 64 give byte-identical label PNGs (CPU fp32), 4 and 5 channels."""
+    """Batch sizes 1, 7 and 64 give byte-identical label PNGs (CPU fp32), 4 and 5 channels;
+    so do 1, 2 and 3 model streams (batches in flight at once, finished in order)."""
     images = _train_set(world)
     segnet2 = _model(segnet2_meta(S2, channels), 0)
     segnet1 = _model(segnet1_meta(S1, VOC_TARGET_CLASSES), 2) if channels == 5 else None
-    outs = {}
-    for b in (1, 7, 64):
-        run = propose(segnet2, segnet1, images, tmp_path / f"b{b}", S2.input_size,
-                      ProposalConfig(batch=b, margin=0.02, class_margin=0.02), torch.device("cpu"))
-        assert run.written == len(images) and not run.failed
-        outs[b] = _labels(tmp_path / f"b{b}")
-    assert len(outs[1]) == len(images)
-    assert outs[1] == outs[7] == outs[64]
+    outs, threads = {}, torch.get_num_threads()
+    for b, streams in ((1, 1), (7, 1), (7, 2), (7, 3), (64, 2)):
+        run = propose(segnet2, segnet1, images, tmp_path / f"b{b}s{streams}", S2.input_size,
+                      ProposalConfig(batch=b, margin=0.02, class_margin=0.02), torch.device("cpu"), streams=streams)
+        assert run.written == len(images) and not run.failed and run.streams == streams
+        assert torch.get_num_threads() == threads  # the streams' share of the threads is given back
+        if streams == 1:  # the stages follow each other: together no more than the wall time
+            t = run.timing
+            assert t["wait_decode"] + t["upload"] + t["model"] + t["post"] <= t["wall"]
+        outs[b, streams] = _labels(tmp_path / f"b{b}s{streams}")
+    assert len(outs[1, 1]) == len(images)
+    assert outs[1, 1] == outs[7, 1] == outs[7, 2] == outs[7, 3] == outs[64, 2]
+    outs[1] = outs[1, 1]
     # not a degenerate answer: several values occur, including foreground classes
     values = set()
     for name in outs[1]:
-        values |= set(np.unique(np.array(Image.open(tmp_path / "b1" / name))).tolist())
+        values |= set(np.unique(np.array(Image.open(tmp_path / "b1s1" / name))).tolist())
     assert len(values - {0, 255}) >= 2
 
 
@@ -163,7 +170,10 @@ def test_cli_manifest_quality_and_baselines(world, tmp_path, ckpts):
     st = m["timing"]["stages"]
     assert set(st) == {"wait_decode", "upload", "model", "post", "download", "wait_writers", "wall"}
     assert st["model"] > 0 and st["wall"] == pytest.approx(m["timing"]["seconds"], abs=1e-3)
-    assert st["wait_decode"] + st["model"] + st["upload"] <= st["wall"] and 0 < m["timing"]["device_busy"] <= 1
+    # two model streams here (2 CPUs): the model's time is the union of the streams' intervals
+    assert m["timing"]["streams"] == min(2, available_cpus())
+    assert st["model"] <= st["wall"] and st["wait_decode"] + st["upload"] <= st["wall"]
+    assert 0 < m["timing"]["device_busy"] <= 1
     assert "where the time went: wait_decode" in r.output
     # decoder processes from a forkserver (--decoders): the same bytes, recorded in the manifest
     fs = tmp_path / "fs"

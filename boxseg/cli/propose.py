@@ -85,6 +85,9 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               show_default=True,
               help="What --workers are: auto (processes on CUDA, threads on CPU), threads, DataLoader processes "
                    "forked from this process, or forked from a small forkserver process instead.")
+@click.option("--streams", type=click.IntRange(min=1), default=None,
+              help="Batches in the model at once, each in its own thread with a share of --threads (default: 2 on "
+                   "CPU with the torch backend, else 1).")
 @click.option("--instances", is_flag=True, help="Also write per-box masks (COCO results, RLE) and their mask AP.")
 @click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True,
               help="Foreground probability at or above which a pixel inside a box takes the box's class.")
@@ -108,7 +111,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 @threads_option
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, decoders, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad,
+         workers, decoders, streams, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad,
          backend, overwrite, threads) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
@@ -145,7 +148,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
                    segnet1_sha256=_digest(segnet1_path), backend=backend or _own_backend(model_path),
                    precision=precision, instances=instances, data=target.describe, **_merge_fields(cfg))
             info, run = _learned(model_path, segnet1_path, target, out_dir, cfg, dev, precision, workers, instances,
-                                 skip_bad, log, (rank, world), backend, decoders)
+                                 skip_bad, log, (rank, world), backend, decoders, streams)
         else:
             if instances:
                 raise click.UsageError("--instances is for --method learned")
@@ -213,7 +216,7 @@ def _claim(out_dir: Path, overwrite: bool, **signature) -> None:
 
 
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
-             log, shard, backend=None, decoders="auto"):
+             log, shard, backend=None, decoders="auto", streams=None):
     from boxseg.export.artifacts import open_predictor
     from boxseg.propose import propose
 
@@ -232,7 +235,7 @@ def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precis
         raise click.UsageError(f"{model_path} is a 4-channel SegNet2 (round 1): it takes no --segnet1")
     run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
                   workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty(),
-                  **decoder_options(decoders))
+                  streams=streams, **decoder_options(decoders))
     info = {"model": str(model_path), "model_meta": segnet2.meta, "predictor": segnet2.describe(),
             "segnet1": str(segnet1_path) if segnet1_path else None}
     return info, run.to_dict()
