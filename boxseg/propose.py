@@ -13,7 +13,11 @@ The pipeline is a chain of stages with bounded queues:
   model     pairs in fixed-size batches (`cfg.batch`; only the last is short): the input
             built on the device into one buffer reused batch after batch (normalised image,
             box masks, the score-map channel of SegNet1, once per image), SegNet2 through its
-            Predictor (any backend);
+            Predictor (any backend). On CPU with the eager backend 2 batches are in flight,
+            each in a thread with half of torch's threads (`streams`): with one batch at a
+            time every parallel region of the network also waited on whatever else ran on
+            the cores, and a core idled while the main thread post-processed; the streams'
+            maps are taken in batch order, so the outputs are those of one stream;
   post      on the device: softmax, exact un-letterbox to the image's size, the merge rule
             (`merge_foreground_batch`, byte-identical to the numpy reference; on CUDA all of
             a batch's finished images at once over padded tensors) and per-box instance
@@ -272,7 +276,10 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     threads (`_decode_in_threads`); 0 decodes in the main thread. `decode_start` starts the
     processes by "fork" (of this process) or "forkserver" (`_forkserver`: forked from a small
     server process, so this one, with its CUDA context and heap, is neither copied nor left
-    with copy-on-write faults; the dataset is pickled to each worker instead)."""
+    with copy-on-write faults; the dataset is pickled to each worker instead). `streams`
+    batches are in the model at once, each in a thread with a share of torch's threads
+    (default `_default_streams`: 2 on CPU with the eager backend, else 1); their maps are
+    taken in batch order, so the outputs do not depend on it."""
     from tqdm import tqdm
 
     device = torch.device(device)
