@@ -17,6 +17,8 @@
 #                   CPU threads won: no copy-on-write faults after forking; on CUDA the GIL may decide)
 #   e2e_forkserver  cudagraph with decoder processes forked from a forkserver, not from the CUDA
 #                   process (its worker start-up, and its copy-on-write faults, are what differ)
+#   e2e_nvjpeg      cudagraph with the JPEGs decoded and letterboxed on the GPU (nvJPEG through
+#                   torchvision.io.decode_jpeg; the image has torchvision 0.26): used by default only if faster
 #   e2e_threads     the same with writer threads (the GIL hypothesis: bench/results/gpu_h200_20261127_b)
 #   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
@@ -73,6 +75,7 @@ step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
 step e2e_cudagraph 90 $B $E --backends cudagraph --tag segnet2_512_e2e_cudagraph
 step e2e_decode_threads 60 $B $E --backends cudagraph --decoders threads --tag segnet2_512_e2e_cudagraph_decode_threads
 step e2e_forkserver 60 $B $E --backends cudagraph --decoders forkserver --tag segnet2_512_e2e_cudagraph_forkserver
+step e2e_nvjpeg 60 $B $E --backends cudagraph --decode-on-device --tag segnet2_512_e2e_cudagraph_nvjpeg
 step e2e_threads 60 $B $E --backends torch --writers threads --tag segnet2_512_e2e_threads
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
 step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R

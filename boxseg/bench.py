@@ -258,7 +258,8 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
               device: torch.device, workers: int, warmup: int, iters: int, log=print,
               backends: tuple[str, ...] = ("torch",), compile_mode: str | None = "auto",
               writer_processes: bool | None = None, decode_processes: bool | None = None,
-              e2e_runs: int = 3, decode_start: str = "fork", streams: int | None = None) -> list[BenchRow]:
+              e2e_runs: int = 3, decode_start: str = "fork", streams: int | None = None,
+              device_jpeg: bool = False) -> list[BenchRow]:
     """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, device
     post-processing, download, PNG writes) on `images` (an ImageSet), against the same
     Predictor alone on inputs of the same shape and batch. Throughput is in (image, class)
@@ -301,7 +302,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                             run = propose(pred, None, images, Path(out), meta["input_size"], ProposalConfig(batch=b),
                                           device, precision, workers, writer_processes=writer_processes,
                                           decode_processes=decode_processes, decode_start=decode_start,
-                                          streams=streams)
+                                          streams=streams, device_jpeg=device_jpeg)
                         if rep:
                             timed.append((run, b / (statistics.median(lat) / 1000)))
                     med = statistics.median(lats)
@@ -323,7 +324,9 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                                 f"e2e / model-only = {100 * ratio:.0f}%, the median of "
                                 f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {r.seconds:.2f} s: "
                                 f"{stages}; device busy {100 * r.timing['device_busy']:.0f}%; decoders: {r.decoders}; "
-                                f"writers: {r.writers}; model streams: {r.streams}; median_ms = wall time per batch")
+                                f"writers: {r.writers}; model streams: {r.streams}; JPEGs decoded by: {r.jpeg_decoder}"
+                                f"{f' ({r.jpeg_fallbacks} on the CPU)' if r.jpeg_fallbacks else ''}; "
+                                f"median_ms = wall time per batch")
                     rows.append(row)
                     log(f"e2e {backend} {precision} b{b}: {row.images_per_s} pairs/s end to end against "
                         f"{timed[k][1]:.2f} model-only just before ({100 * ratio:.0f}%, the median of the runs' "

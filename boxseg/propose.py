@@ -55,7 +55,7 @@ from boxseg.config import ProposalConfig
 from boxseg.crf import CRFParams, refine_in_boxes
 from boxseg.data.boxes import box_pixel_range
 from boxseg.data.coco import encode_rle
-from boxseg.data.files import encode_label_png, write_bytes_atomic, write_files_atomic
+from boxseg.data.files import EncodedJpeg, encode_label_png, read_image, write_bytes_atomic, write_files_atomic
 from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
@@ -63,7 +63,8 @@ from boxseg.faults import failpoint, kill_parent_too
 from boxseg.threads import available_cpus
 from boxseg.workers import background_worker, before_fork, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
-from boxseg.predict.image import letterbox, letterbox_params, segnet2_inputs, unletterbox
+from boxseg.predict.image import (decode_jpegs, letterbox, letterbox_params, letterbox_tensor, segnet2_inputs,
+                                  unletterbox)
 from boxseg.proposals import (fill_ranges, merge_foreground, merge_foreground_batch, merge_foreground_fast,
                               merge_foreground_torch, range_masks)
 
@@ -75,9 +76,11 @@ class _Decoded(Dataset):
     Errors are returned as records (not raised in the worker) so the main process reports
     them with the file."""
 
-    def __init__(self, images: ImageSet, indices: list[int], size: int, keep_image: bool = False):
+    def __init__(self, images: ImageSet, indices: list[int], size: int, keep_image: bool = False,
+                 device_jpeg: bool = False):
         self.images, self.indices, self.size = images, indices, size
         self.keep_image = keep_image  # the image itself travels too (the CRF needs it)
+        self.device_jpeg = device_jpeg  # plain JPEGs travel encoded, for `_device_canvases`
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -86,7 +89,8 @@ class _Decoded(Dataset):
         i = self.indices[k]
         sample_id = self.images.id(i)
         try:
-            s = self.images.boxed(i)  # the ground truth is not needed here
+            # the ground truth is not needed here
+            s = self.images.boxed(i, encoded_jpeg=True) if self.device_jpeg else self.images.boxed(i)
         except DataError as e:
             return {"index": i, "id": sample_id, "error": (str(e.path), e.problem)}
         h, w = s.image.shape[:2]
@@ -95,9 +99,13 @@ class _Decoded(Dataset):
         boxes = np.asarray(s.boxes, np.float32).reshape(-1, 4)
         ranges = np.array([box_pixel_range(b * lb.scale, self.size, self.size) for b in boxes], np.int64).reshape(-1, 4)
         image_ranges = np.array([box_pixel_range(b, h, w) for b in boxes], np.int64).reshape(-1, 4)
-        rec = {"index": i, "id": sample_id, "canvas": letterbox(s.image, lb, MEAN_U8), "lb": lb,
+        rec = {"index": i, "id": sample_id, "lb": lb,
                "boxes": boxes, "labels": labels, "ranges": ranges, "image_ranges": image_ranges,
                "classes": sorted(set(labels.tolist()))}
+        if isinstance(s.image, EncodedJpeg):
+            rec["jpeg"] = s.image
+        else:
+            rec["canvas"] = letterbox(s.image, lb, MEAN_U8)
         if self.keep_image:
             rec["image"] = s.image
         return rec
@@ -147,9 +155,43 @@ def _forkserver():
     return ctx
 
 
+def _device_canvases(records: list[dict], host: torch.Tensor | None, device: torch.device,
+                     run: ProposalRun) -> torch.Tensor | None:
+    """A chunk's canvases on the device, in the order of its good records: those the decoders
+    letterboxed (`host`, uploaded) and the JPEGs they left encoded, decoded here on the device
+    in one call and letterboxed there (`letterbox_tensor`). A JPEG the device decoder refuses,
+    or decodes to another size than its header's, is decoded on the CPU as any other file
+    (counted in `run.jpeg_fallbacks`); one that fails there too becomes an error record,
+    reported with its file (or skipped with `skip_bad`) as a decoder's error is."""
+    jpegs = [r for r in records if "jpeg" in r]
+    if not jpegs:
+        return host
+    images = iter(decode_jpegs([r["jpeg"].data for r in jpegs], device))
+    hosts = iter(host if host is not None else ())
+    out = []
+    for r in records:
+        if "error" in r:
+            continue
+        if "jpeg" not in r:
+            out.append(next(hosts))
+            continue
+        enc, img = r.pop("jpeg"), next(images)
+        if img is not None and tuple(img.shape) == (3, *enc.shape[:2]):
+            out.append(letterbox_tensor(img, r["lb"], MEAN_U8))
+            continue
+        run.jpeg_fallbacks += 1
+        try:
+            image = read_image(enc.path)
+        except DataError as e:
+            r["error"] = (e.path, e.problem)
+            continue
+        out.append(torch.from_numpy(letterbox(image, r["lb"], MEAN_U8)).to(device))
+    return torch.stack(out) if out else None
+
+
 def _collate(recs: list[dict]) -> dict:
     """A chunk of decoded images: one uint8 (B, S, S, 3) tensor of the good ones' canvases."""
-    good = [r for r in recs if "error" not in r]
+    good = [r for r in recs if "canvas" in r]  # (not the errors, nor JPEGs left for the device)
     canvases = torch.from_numpy(np.stack([r.pop("canvas") for r in good])) if good else None
     return {"canvases": canvases, "records": recs}
 
@@ -227,6 +269,8 @@ class ProposalRun:
     writers: str = ""                                     # "threads" or "processes"
     decoders: str = ""                                    # "threads", "processes[ (forkserver)]", "main thread"
     streams: int = 1                                      # batches in the model at once (CPU: threads)
+    jpeg_decoder: str = "cpu"                             # or "nvJPEG": JPEGs decoded on the device
+    jpeg_fallbacks: int = 0                               # JPEGs the device decoder refused: decoded on the CPU
 
     @property
     def model_seconds(self) -> float:
@@ -236,7 +280,8 @@ class ProposalRun:
         d = {"written": self.written, "skipped_existing": self.skipped_existing, "pairs": self.pairs,
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
              "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
-             "decoders": self.decoders, "streams": self.streams}
+             "decoders": self.decoders, "streams": self.streams, "jpeg_decoder": self.jpeg_decoder,
+             "jpeg_fallbacks": self.jpeg_fallbacks}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
             d["pairs_per_s"] = round(self.pairs / self.seconds, 2)
@@ -268,7 +313,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
             progress: bool = False, writers: int | None = None, chunk: int = 16,
             writer_processes: bool | None = None, decode_processes: bool | None = None,
-            decode_start: str = "fork", streams: int | None = None) -> ProposalRun:
+            decode_start: str = "fork", streams: int | None = None, device_jpeg: bool = False) -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
     image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
     is wrapped in the eager one at `precision`). A bad image raises DataError naming the
@@ -284,7 +329,9 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     with copy-on-write faults; the dataset is pickled to each worker instead). `streams`
     batches are in the model at once, each in a thread with a share of torch's threads
     (default `_default_streams`: 2 on CPU with the eager backend, else 1); their maps are
-    taken in batch order, so the outputs do not depend on it."""
+    taken in batch order, so the outputs do not depend on it. `device_jpeg`: plain JPEGs are
+    decoded on `device` (`_device_canvases`: torchvision.io.decode_jpeg, nvJPEG on CUDA), the
+    other files as before; not with `cfg.crf`, which needs the image on the host."""
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -301,7 +348,11 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     cuda = device.type == "cuda"
     if writers is None:
         writers = min(8, max(2, available_cpus() // 2)) if cuda else 2
-    decoded = _Decoded(images, todo, size, keep_image=cfg.crf)
+    device_jpeg = device_jpeg and not cfg.crf
+    if device_jpeg:
+        decode_jpegs([], device)  # torchvision is there, or TorchvisionMissing now rather than mid-run
+    run.jpeg_decoder = ("nvJPEG" if cuda else f"torchvision on {device.type}") if device_jpeg else "cpu"
+    decoded = _Decoded(images, todo, size, keep_image=cfg.crf, device_jpeg=device_jpeg)
     if workers == 0:
         run.decoders = "main thread"
     else:
@@ -436,6 +487,10 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             tu = time.perf_counter()
             canvases = batch["canvases"].to(device, non_blocking=True) if batch["canvases"] is not None else None
             clock.add("upload", time.perf_counter() - tu)  # on CUDA: the time to queue it
+            if device_jpeg:
+                td = time.perf_counter()
+                canvases = _device_canvases(batch["records"], canvases, device, run)
+                clock.add("wait_decode", time.perf_counter() - td)  # (decoding is queued here)
             k = 0
             for rec in batch["records"]:
                 if "error" in rec:
@@ -738,7 +793,8 @@ def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
     written = sum(r["written"] for r in runs)
     counts = {"images": len(list(out_dir.glob("*.png"))), "written": written,
               "skipped_existing": sum(r["skipped_existing"] for r in runs), "pairs": sum(r["pairs"] for r in runs),
-              "skipped_bad": len(skipped), "failed": len(failed)}
+              "skipped_bad": len(skipped), "failed": len(failed),
+              "jpeg_fallbacks": sum(r.get("jpeg_fallbacks", 0) for r in runs)}
     stages: dict = {}
     for r in runs:  # seconds per pipeline stage, summed over ranks (boxseg.propose.STAGES)
         for k, v in r.get("stages", {}).items():
@@ -750,6 +806,7 @@ def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
               "device_busy": round(sum(busy) / len(busy), 4) if busy else None,
               # how the run decoded, ran the model and wrote (every rank alike)
               "decoders": runs[0].get("decoders"), "streams": runs[0].get("streams"),
+              "jpeg_decoder": runs[0].get("jpeg_decoder"),
               "writers": runs[0].get("writers")}
     if secs > 0:
         timing["images_per_s"] = round(written / secs, 2)

@@ -130,3 +130,42 @@ def test_propose_on_cuda_decode_threads_write_the_bytes_of_decode_processes(worl
         assert run.written == len(images) and run.decoders == kind
         outs[kind] = {p.name: p.read_bytes() for p in sorted((tmp_path / kind).glob("*.png"))}
     assert outs["processes"] and all(o == outs["processes"] for o in outs.values())
+
+
+def test_propose_with_nvjpeg_labels_match_the_cpu_decoders(world, tmp_path):
+    """--decode-on-device: JPEGs decoded by nvJPEG (torchvision) and letterboxed on the GPU.
+    The canvases are within JPEG-decoder tolerance of the CPU path's (the statistics are
+    printed for the README), and the labels nearly all the same."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (needed by --decode-on-device)")
+    from boxseg.config import ProposalConfig
+    from boxseg.data.images import ImageSet
+    from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+    from boxseg.propose import ProposalRun, _Decoded, _device_canvases, propose
+
+    images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
+    host, dev = _Decoded(images, list(range(len(images))), 128), _Decoded(images, list(range(len(images))), 128,
+                                                                          device_jpeg=True)
+    run, diffs = ProposalRun(), []
+    for k in range(len(images)):
+        a, b = host[k], dev[k]
+        assert "jpeg" in b
+        c = _device_canvases([b], None, CUDA, run)[0].cpu()
+        diffs.append((c.int() - torch.from_numpy(a["canvas"]).int()).abs())
+    d = torch.cat([x.flatten() for x in diffs]).float()
+    print(f"nvJPEG canvases against the CPU path: max |diff| {int(d.max())}, mean {d.mean():.3f}, "
+          f"values differing {100 * (d > 0).float().mean():.1f}%, by more than 2: {100 * (d > 2).float().mean():.2f}%")
+    assert run.jpeg_fallbacks == 0 and d.mean() < 2
+    pred = load_predictor(MODELS["segnet2"], CUDA, "fp16", batch=16)
+    runs = {}
+    for on_device in (False, True):
+        runs[on_device] = propose(pred, None, images, tmp_path / str(on_device), pred.input_size,
+                                  ProposalConfig(batch=16), CUDA, "fp16", 2, device_jpeg=on_device)
+        assert runs[on_device].written == len(images)
+    assert runs[True].jpeg_decoder == "nvJPEG" and runs[True].jpeg_fallbacks == 0
+    same = total = 0
+    for p in sorted((tmp_path / "False").glob("*.png")):
+        a, b = np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "True" / p.name))
+        same += int((a == b).sum())
+        total += a.size
+    print(f"labels identical: {100 * same / total:.3f}% of pixels")
+    assert same / total >= 0.99

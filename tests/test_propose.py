@@ -477,3 +477,86 @@ def test_a_kill_inside_a_writer_process_kills_the_command_and_the_rerun_complete
     names = sorted(p.name for p in ref.glob("*.png"))
     assert names == sorted(p.name for p in out.glob("*.png")) and len(names) == len(images)
     assert all((ref / n).read_bytes() == (out / n).read_bytes() for n in names)
+
+
+# -- JPEGs decoded on the device (--decode-on-device) -----------------------------------------
+
+def test_letterbox_on_the_device_is_within_one_of_opencv(world):
+    """`letterbox_tensor` (the device path's, float bilinear) against `letterbox` (OpenCV's
+    INTER_LINEAR on uint8, 11-bit fixed point): every value within 1, down- and upscaling."""
+    from boxseg.data.files import read_image
+    from boxseg.data.transforms import MEAN_U8
+    from boxseg.predict.image import letterbox, letterbox_params, letterbox_tensor
+
+    paths = sorted((world.voc_root / "JPEGImages").glob("*.jpg"))[:20]
+    differing = total = 0
+    for size in (64, 128, 321):
+        for p in paths:
+            image = read_image(p)
+            lb = letterbox_params(*image.shape[:2], size)
+            want = letterbox(image, lb, MEAN_U8)
+            got = letterbox_tensor(torch.from_numpy(image).permute(2, 0, 1), lb, MEAN_U8).numpy()
+            d = np.abs(got.astype(int) - want.astype(int))
+            assert got.shape == want.shape and d.max() <= 1, (p.name, size)
+            differing, total = differing + int((d > 0).sum()), total + d.size
+    assert 0 < differing < 0.3 * total  # rounding differences, not a shifted grid
+
+
+def test_device_canvases_fall_back_to_the_cpu_decoder_and_name_a_bad_file(world_copy, monkeypatch):
+    """A JPEG the device decoder refuses is decoded on the CPU (the CPU path's bytes exactly,
+    counted); one the CPU cannot read either becomes an error record naming the file."""
+    import boxseg.propose as P
+
+    images = _train_set(world_copy)
+    cpu_side = P._Decoded(images, list(range(4)), S2.input_size)
+    dev_side = P._Decoded(images, list(range(4)), S2.input_size, device_jpeg=True)
+    recs = [dev_side[k] for k in range(4)]
+    assert all("jpeg" in r and "canvas" not in r for r in recs)
+    bad = recs[2]["jpeg"].path
+    bad.unlink()  # gone since the decoder read it: the CPU fallback cannot read it either
+    monkeypatch.setattr(P, "decode_jpegs", lambda datas, device: [None] * len(datas))
+    run = P.ProposalRun()
+    canvases = P._device_canvases(recs, None, torch.device("cpu"), run)
+    assert run.jpeg_fallbacks == 4 and len(canvases) == 3
+    assert "error" in recs[2] and recs[2]["error"][0] == str(bad)
+    for c, k in zip(canvases, (0, 1, 3)):
+        assert torch.equal(c, torch.from_numpy(cpu_side[k]["canvas"]))
+
+
+def test_propose_decode_on_device_with_torchvision(world, tmp_path, ckpts):
+    """The whole pipeline with torchvision's decoder (on CPU, libjpeg-turbo, OpenCV's pixels)
+    and the device letterbox: labels nearly all those of the CPU path (99.92% of pixels on
+    the test world); recorded in the manifest and the folder's signature, so a rerun without
+    the option does not mix the two."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (needed by --decode-on-device)")
+    base = ["--model", str(ckpts["s2_4"]), "--voc-root", str(world.voc_root), "--batch", "16"]
+    r = CliRunner().invoke(propose_cli, [*base, "--out", str(tmp_path / "cpu")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(propose_cli, [*base, "--out", str(tmp_path / "dev"), "--decode-on-device"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "dev" / "manifest.json").read_text())
+    assert m["timing"]["jpeg_decoder"] == "torchvision on cpu" and m["counts"]["jpeg_fallbacks"] == 0
+    same = total = 0
+    for p in sorted((tmp_path / "cpu").glob("*.png")):
+        a, b = np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "dev" / p.name))
+        same, total = same + int((a == b).sum()), total + a.size
+    assert total and same / total >= 0.995
+    (tmp_path / "dev" / sorted(p.name for p in (tmp_path / "dev").glob("*.png"))[0]).unlink()
+    r = CliRunner().invoke(propose_cli, [*base, "--out", str(tmp_path / "dev")])
+    assert r.exit_code == 3 and "jpeg_decoder" in r.output
+
+
+def test_decode_on_device_without_torchvision_names_the_package(world, tmp_path, ckpts, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise ImportError("No module named 'torchvision'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), "--voc-root", str(world.voc_root),
+                                         "--out", str(tmp_path / "p"), "--decode-on-device"])
+    assert r.exit_code == 6 and "needs torchvision" in r.output

@@ -67,6 +67,7 @@ def exit_on_errors():
     a failed AOTInductor build 8, a full disk 10)."""
     from boxseg.errors import DataError, NoSpace
     from boxseg.export.aoti import AotiExportError
+    from boxseg.predict.image import TorchvisionMissing
     from boxseg.predict.onnxruntime import OnnxRuntimeMissing, ProviderFallback
     from boxseg.predict.tensorrt import TensorRTMissing
 
@@ -74,7 +75,7 @@ def exit_on_errors():
         yield
     except DataError as e:
         fail(e, Exit.BAD_INPUT)
-    except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing) as e:
+    except (OnnxRuntimeMissing, ProviderFallback, TensorRTMissing, TorchvisionMissing) as e:
         fail(e, Exit.MISSING_PACKAGE)
     except AotiExportError as e:
         fail(e, Exit.EXPORT_FAILED)

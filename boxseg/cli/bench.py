@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from boxseg.cli import HELP, Exit, threads_option, version
+from boxseg.cli import HELP, Exit, exit_on_errors, threads_option, version
 from boxseg.threads import configure_threads
 from boxseg.workers import DECODERS, decoder_options
 
@@ -63,6 +63,8 @@ def _model(spec: str, preset: str, size: int | None):
               help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU; forkserver: "
                    "processes forked from a small server process instead of this one).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
+@click.option("--decode-on-device", is_flag=True,
+              help="--e2e: boxseg-propose --decode-on-device (JPEGs decoded by torchvision on the device: nvJPEG).")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
               help="--e2e: boxseg-propose's model streams (default: 2 on CPU with the torch backend, else 1).")
 @click.option("--e2e-runs", type=click.IntRange(min=1), default=3, show_default=True,
@@ -73,7 +75,7 @@ def _model(spec: str, preset: str, size: int | None):
                    "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")
 @threads_option
 def main(spec, preset, size, backends, batches, precisions, device, warmup, iters, out_dir, tag, e2e, voc_root,
-         workers, streams, e2e_runs, writer_kind, decoder_kind, compile_mode, threads) -> None:
+         workers, streams, decode_on_device, e2e_runs, writer_kind, decoder_kind, compile_mode, threads) -> None:
     """Time the model; write TAG.jsonl, TAG.md and TAG.png into --out."""
     import torch
 
@@ -106,11 +108,13 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
 
         root = voc_root or synth_world("tiny", 0)[2]
         images = ImageSet(VOCDataset(root, "train"), NUM_VOC_CLASSES)
-        rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
-                         log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
-                         compile_mode=compile_mode,
-                         writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
-                         e2e_runs=e2e_runs, streams=streams, **decoder_options(decoder_kind))
+        with exit_on_errors():  # (torchvision missing for --decode-on-device: exit 6 naming it)
+            rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
+                             log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
+                             compile_mode=compile_mode,
+                             writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
+                             e2e_runs=e2e_runs, streams=streams, device_jpeg=decode_on_device,
+                             **decoder_options(decoder_kind))
     else:
         rows = bench(model, meta, name, (backends or "torch,torch-cl,onnxruntime").split(","), precision_list,
                      batch_list, dev, warmup, iters, log=lambda s: click.echo(s, err=True), compile_mode=compile_mode)

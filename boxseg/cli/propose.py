@@ -88,6 +88,10 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
 @click.option("--streams", type=click.IntRange(min=1), default=None,
               help="Batches in the model at once, each in its own thread with a share of --threads (default: 2 on "
                    "CPU with the torch backend, else 1).")
+@click.option("--decode-on-device", is_flag=True,
+              help="Decode JPEGs on the model's device (torchvision.io.decode_jpeg: nvJPEG on CUDA); other files, "
+                   "and any JPEG it refuses, on the CPU. Needs torchvision. Pixels within JPEG-decoder tolerance of "
+                   "the CPU path's (README), so the PNGs can differ slightly.")
 @click.option("--instances", is_flag=True, help="Also write per-box masks (COCO results, RLE) and their mask AP.")
 @click.option("--threshold", type=float, default=ProposalConfig.threshold, show_default=True,
               help="Foreground probability at or above which a pixel inside a box takes the box's class.")
@@ -111,7 +115,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 @threads_option
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, decoders, streams, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad,
+         workers, decoders, streams, decode_on_device, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad,
          backend, overwrite, threads) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
@@ -146,9 +150,12 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
                 raise click.UsageError("--method learned needs --model (a SegNet2 checkpoint or artifact)")
             _claim(out_dir, overwrite, method=method, model_sha256=_digest(model_path),
                    segnet1_sha256=_digest(segnet1_path), backend=backend or _own_backend(model_path),
-                   precision=precision, instances=instances, data=target.describe, **_merge_fields(cfg))
+                   precision=precision, instances=instances, data=target.describe, **_merge_fields(cfg),
+                   # pixels within decoder tolerance of the CPU path's: not mixed with its PNGs (only
+                   # recorded when set, so folders made before the option still match)
+                   **({"jpeg_decoder": "device"} if decode_on_device and not crf else {}))
             info, run = _learned(model_path, segnet1_path, target, out_dir, cfg, dev, precision, workers, instances,
-                                 skip_bad, log, (rank, world), backend, decoders, streams)
+                                 skip_bad, log, (rank, world), backend, decoders, streams, decode_on_device)
         else:
             if instances:
                 raise click.UsageError("--instances is for --method learned")
@@ -216,7 +223,7 @@ def _claim(out_dir: Path, overwrite: bool, **signature) -> None:
 
 
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
-             log, shard, backend=None, decoders="auto", streams=None):
+             log, shard, backend=None, decoders="auto", streams=None, decode_on_device=False):
     from boxseg.export.artifacts import open_predictor
     from boxseg.propose import propose
 
@@ -235,7 +242,7 @@ def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precis
         raise click.UsageError(f"{model_path} is a 4-channel SegNet2 (round 1): it takes no --segnet1")
     run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
                   workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty(),
-                  streams=streams, **decoder_options(decoders))
+                  streams=streams, device_jpeg=decode_on_device, **decoder_options(decoders))
     info = {"model": str(model_path), "model_meta": segnet2.meta, "predictor": segnet2.describe(),
             "segnet1": str(segnet1_path) if segnet1_path else None}
     return info, run.to_dict()

@@ -264,8 +264,8 @@ class COCOSource:
             self.coco.createIndex()
         self._to_index = to_index
 
-    def _check_image(self, path: Path, hw: tuple[int, int]) -> np.ndarray:
-        image = read_image(path)
+    def _check_image(self, path: Path, hw: tuple[int, int], encoded_jpeg: bool = False) -> np.ndarray:
+        image = read_image(path, encoded_jpeg)
         if image.shape[:2] != hw:
             raise DataError(path, f"image is {image.shape[1]}x{image.shape[0]} but {self.ann_file.name} "
                                   f"says {hw[1]}x{hw[0]}")
@@ -277,12 +277,13 @@ class COCOSource:
     def annotations(self, i: int) -> list[dict]:
         return self.coco.imgToAnns[self.images[i]["id"]]
 
-    def boxed(self, i: int) -> COCOSample:
+    def boxed(self, i: int, encoded_jpeg: bool = False) -> COCOSample:
         """Item i without masks (mask None, no instances): the image and the non-crowd boxes,
-        as `self[i]` gives them, without rasterising a polygon."""
+        as `self[i]` gives them, without rasterising a polygon; with `encoded_jpeg` a plain
+        JPEG image as its checked bytes (`read_image`)."""
         info = self.images[i]
         h, w = int(info["height"]), int(info["width"])
-        image = self._check_image(self.paths[info["id"]], (h, w))
+        image = self._check_image(self.paths[info["id"]], (h, w), encoded_jpeg)
         objs = [a for a in self.annotations(i) if not a.get("iscrowd", 0)]
         boxes = np.stack([_box(a, w, h) for a in objs]) if objs else np.zeros((0, 4), np.float32)
         return COCOSample(int(info["id"]), image, boxes,

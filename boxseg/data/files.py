@@ -8,6 +8,7 @@ import errno
 import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -54,13 +55,24 @@ def check_pixels(img: Image.Image, path: Path) -> None:
                               f"over the limit of {max_pixels():,} (BOXSEG_MAX_PIXELS)")
 
 
-def read_image(path: Path) -> np.ndarray:
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG file's bytes, its header checked (size within `max_pixels`, a complete 8-bit
+    greyscale or colour JPEG) but not decoded: for a decoder on the model's device.
+    `shape` is the decoded image's, (H, W, 3)."""
+    path: Path
+    data: bytes
+    shape: tuple[int, int, int]
+
+
+def read_image(path: Path, encoded_jpeg: bool = False) -> np.ndarray | EncodedJpeg:
     """Decode an image file to uint8 RGB (H, W, 3).
 
     Greyscale, palette, CMYK and RGBA are converted to RGB; 16-bit images are scaled to
     8 bits. Pillow's decompression-bomb guard stays on. Errors name the file. A complete
     8-bit greyscale or colour JPEG is decoded by OpenCV (`_decode_jpeg`: the same pixels,
     ~40% faster at VOC's 500 x 375); everything else, and any JPEG OpenCV refuses, by Pillow.
+    With `encoded_jpeg`, such a JPEG is returned undecoded instead (`EncodedJpeg`).
     """
     if not path.is_file():  # (a FIFO or a device is not read: it could block or never end)
         raise DataError(path, "image file is missing")
@@ -73,6 +85,8 @@ def read_image(path: Path) -> np.ndarray:
             data = f.read() if size <= _READ_WHOLE else None
             with Image.open(f if data is None else io.BytesIO(data)) as img:
                 check_pixels(img, path)
+                if encoded_jpeg and data is not None and _plain_jpeg(data, img):
+                    return EncodedJpeg(path, data, (img.size[1], img.size[0], 3))
                 fast = _decode_jpeg(data, img) if data is not None else None
                 if fast is not None:
                     return fast
@@ -98,12 +112,17 @@ def _decode_jpeg(data: bytes, img: Image.Image) -> np.ndarray | None:
     way), a file without the end-of-image marker at its end (Pillow refuses a truncated file
     where libjpeg would fill in grey), anything OpenCV cannot decode. EXIF orientation is
     ignored, as Pillow does."""
-    if img.format != "JPEG" or img.mode not in ("RGB", "L") or not data.endswith(b"\xff\xd9"):
+    if not _plain_jpeg(data, img):
         return None
     out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if out is None or out.dtype != np.uint8 or out.shape != (img.size[1], img.size[0], 3):
         return None
     return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+
+
+def _plain_jpeg(data: bytes, img: Image.Image) -> bool:
+    """An 8-bit greyscale or colour JPEG that ends with its end-of-image marker."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and data.endswith(b"\xff\xd9")
 
 
 def read_image_size(path: Path) -> tuple[int, int]:

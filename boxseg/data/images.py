@@ -42,14 +42,15 @@ class ImageSet:
             self._cache[i] = item
         return item
 
-    def boxed(self, i: int) -> Item:
+    def boxed(self, i: int, encoded_jpeg: bool = False) -> Item:
         """Item i with its image and boxes but without decoding its ground truth (mask None),
-        where the dataset can skip it: what proposal generation needs."""
+        where the dataset can skip it: what proposal generation needs. With `encoded_jpeg`,
+        where the dataset can, a plain JPEG image comes undecoded (`EncodedJpeg`)."""
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         if not hasattr(self.dataset, "boxed"):
             return self[i]
-        s = self.dataset.boxed(i)
+        s = self.dataset.boxed(i, encoded_jpeg=encoded_jpeg) if encoded_jpeg else self.dataset.boxed(i)
         return Item(self.id(i), s.image, s.boxes, s.labels, None)
 
     def ground_truth(self, i: int) -> np.ndarray | None:

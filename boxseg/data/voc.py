@@ -208,8 +208,8 @@ class VOCDataset:
         ann.boxes, n = clip_boxes(ann.boxes, hw[1], hw[0])
         self.log.clip(xml, n)
 
-    def _decode(self, entry: _Entry, mask: bool = True) -> VOCSample:
-        image = read_image(entry.image)
+    def _decode(self, entry: _Entry, mask: bool = True, encoded_jpeg: bool = False) -> VOCSample:
+        image = read_image(entry.image, encoded_jpeg)
         hw = image.shape[:2]
         if entry.ann is not None:
             if entry.ann.size is None:
@@ -229,9 +229,10 @@ class VOCDataset:
     def __getitem__(self, i: int) -> VOCSample:
         return self._decode(self.entries[i])
 
-    def boxed(self, i: int) -> VOCSample:
-        """Item i without its mask (None): the image and its boxes, what proposals need."""
-        return self._decode(self.entries[i], mask=False)
+    def boxed(self, i: int, encoded_jpeg: bool = False) -> VOCSample:
+        """Item i without its mask (None): the image and its boxes, what proposals need; with
+        `encoded_jpeg` a plain JPEG image as its checked bytes (`read_image`)."""
+        return self._decode(self.entries[i], mask=False, encoded_jpeg=encoded_jpeg)
 
     @property
     def ids(self) -> tuple[str, ...]:

@@ -95,6 +95,50 @@ def letterbox(arr: np.ndarray, lb: Letterbox, pad: float | np.ndarray, nearest: 
     return out
 
 
+def letterbox_tensor(image: torch.Tensor, lb: Letterbox, pad: np.ndarray) -> torch.Tensor:
+    """`letterbox` of a uint8 (3, H, W) image tensor on any device (a GPU decoder's output)
+    -> uint8 (size, size, 3) there. Bilinear as OpenCV's INTER_LINEAR (half-pixel centres, no
+    antialiasing) but in float32 and rounded, where OpenCV weighs uint8 pixels in 11-bit
+    fixed point: within 1 of `letterbox` per value (tested)."""
+    ih, iw = lb.inner
+    x = image
+    if (ih, iw) != tuple(image.shape[1:]):
+        x = torch.nn.functional.interpolate(image[None].float(), size=(ih, iw), mode="bilinear",
+                                            align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+    out = torch.empty((lb.size, lb.size, 3), dtype=torch.uint8, device=image.device)
+    out[:] = torch.as_tensor(np.asarray(pad, np.uint8), device=image.device)
+    out[:ih, :iw] = x.permute(1, 2, 0)
+    return out
+
+
+class TorchvisionMissing(RuntimeError):
+    """Decoding JPEGs on the device needs torchvision (torchvision.io.decode_jpeg)."""
+
+
+def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG files' bytes -> uint8 RGB (3, H, W) tensors on `device`, by torchvision.io.decode_jpeg
+    (nvJPEG on CUDA, libjpeg-turbo on CPU), all in one call; None for a file it cannot decode
+    (then decoded one by one to find which)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as e:
+        raise TorchvisionMissing(f"decoding JPEGs on the device needs torchvision ({e}); install the "
+                                 f"torchvision built for this torch, or decode on the CPU (the default)") from None
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    if not tensors:
+        return []
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad file fails the whole call
+        out: list[torch.Tensor | None] = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
 def unletterbox(maps: torch.Tensor, lb: Letterbox) -> torch.Tensor:
     """(C, S', S') maps on the canvas (any stride) -> float32 (C, h, w) on the image, bilinear."""
     stride = lb.size / maps.shape[-1]
