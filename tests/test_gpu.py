@@ -137,6 +137,8 @@ def test_propose_with_nvjpeg_labels_match_the_cpu_decoders(world, tmp_path):
     The canvases are within JPEG-decoder tolerance of the CPU path's (the statistics are
     printed for the README), and the labels nearly all the same."""
     pytest.importorskip("torchvision", reason="torchvision is not installed (needed by --decode-on-device)")
+    from PIL import Image
+
     from boxseg.config import ProposalConfig
     from boxseg.data.images import ImageSet
     from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
