@@ -417,8 +417,9 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     inflight: deque = deque()  # batches in the model streams, oldest first
     seq = 0
 
-    def forward(args: tuple, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Inputs, the model, foreground probabilities and finite flags of one batch (in a stream)."""
+    def forward(args: tuple, slot: int) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        """Inputs, the model, foreground probabilities and finite flags of one batch (in a stream),
+        and when it started and ended (perf_counter seconds)."""
         t = time.perf_counter()
         with torch.no_grad():
             logits = segnet2(inputs[slot](*args))
