@@ -66,8 +66,8 @@ def retain_freed_memory() -> bool:
     memory instead of handing it back to the kernel. Without this, glibc's adaptive
     thresholds return the top of the heap whenever more than twice the largest recent block
     is free, and the next forward pass faults every page back in: the tiny SegNet2 at batch
-    64 took ~8,000 page faults a call alone and ~14,000 inside boxseg-propose, and ran ~20%
-    faster without them (2-core CPU, `bench/results/`). Left alone where the user set
+    64 took ~8,000 page faults a call alone and ~13,000-15,000 inside boxseg-propose, and ran
+    ~20% faster without them (2-core CPU; README, "CPU threads"). Left alone where the user set
     MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_, or where this is not glibc. Returns
     whether it was set."""
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
