@@ -365,6 +365,9 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     if streams is None:
         streams = _default_streams(segnet2, segnet1, device)
     streams = max(1, streams)
+    if streams > 1 and not eager_only(segnet2, segnet1):
+        raise ValueError(f"{streams} model streams run batches at once, which only the eager torch backend allows "
+                         f"(not {segnet2.backend}: a CUDA graph or an artifact's session has one set of buffers)")
     run.streams = streams
     inputs = [_Inputs(cfg.batch, 4 if segnet1 is None else 5, size, device) for _ in range(streams)]
     main_threads = torch.get_num_threads()
@@ -543,11 +546,14 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     return run
 
 
+def eager_only(*predictors) -> bool:
+    """Whether every given Predictor is the eager torch one (the only one model streams may share)."""
+    return all(p is None or p.backend == "torch" for p in predictors)
+
+
 def _default_streams(segnet2, segnet1, device: torch.device) -> int:
     """Model streams: on CPU with the eager backend, 2 batches in flight on half the threads each."""
-    if device.type != "cpu" or torch.get_num_threads() < 2:
-        return 1
-    if any(p is not None and p.backend != "torch" for p in (segnet2, segnet1)):
+    if device.type != "cpu" or torch.get_num_threads() < 2 or not eager_only(segnet2, segnet1):
         return 1
     return 2
 

@@ -108,9 +108,13 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
 
         root = voc_root or synth_world("tiny", 0)[2]
         images = ImageSet(VOCDataset(root, "train"), NUM_VOC_CLASSES)
+        e2e_backends = tuple((backends or "torch").split(","))
+        if streams is not None and streams > 1 and set(e2e_backends) != {"torch"}:
+            raise click.BadParameter(f"{streams} streams run batches at once: only the torch backend allows it",
+                                     param_hint="--streams")
         with exit_on_errors():  # (torchvision missing for --decode-on-device: exit 6 naming it)
             rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
-                             log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
+                             log=lambda s: click.echo(s, err=True), backends=e2e_backends,
                              compile_mode=compile_mode,
                              writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
                              e2e_runs=e2e_runs, streams=streams, device_jpeg=decode_on_device,
