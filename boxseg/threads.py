@@ -71,8 +71,8 @@ def retain_freed_memory() -> bool:
     from that one heap (one arena): a thread's own arena is made of 64 MiB pieces that glibc
     maps and unmaps as they fill and empty. Two threads each running the network on one
     core took up to ~5,000 page faults a forward pass that way, and ran it at ~1,300 pairs/s
-    against ~1,400 with one arena; inside boxseg-propose's model streams they came back in
-    a later run (2,225 a pass), and with one arena not after the heap had grown.
+    against ~1,400 with one arena; inside boxseg-propose's model streams the faults came in
+    some runs only (2,200-6,000 a pass), and none with one arena.
     Left alone where the user set MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or
     MALLOC_ARENA_MAX, or where this is not glibc. Returns whether it was set."""
     if any(os.environ.get(v) for v in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")):
