@@ -56,7 +56,7 @@ def configure_threads(threads: int | None = None, workers: int = 0) -> int:
 
 
 # glibc mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit
 TRIM_THRESHOLD = 1 << 30
 
@@ -67,20 +67,14 @@ def retain_freed_memory() -> bool:
     thresholds return the top of the heap whenever more than twice the largest recent block
     is free, and the next forward pass faults every page back in: the tiny SegNet2 at batch
     64 took ~8,000 page faults a call alone and ~13,000-15,000 inside boxseg-propose, and ran
-    ~20% faster without them (2-core CPU; README, "CPU threads"). And every thread allocates
-    from that one heap (one arena): a thread's own arena is made of 64 MiB pieces that glibc
-    maps and unmaps as they fill and empty. Two threads each running the network on one
-    core took up to ~5,000 page faults a forward pass that way, and ran it at ~1,300 pairs/s
-    against ~1,400 with one arena; inside boxseg-propose's model streams the faults came in
-    some runs only (2,200-6,000 a pass), and none with one arena.
-    Left alone where the user set MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or
-    MALLOC_ARENA_MAX, or where this is not glibc. Returns whether it was set."""
-    if any(os.environ.get(v) for v in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")):
+    ~20% faster without them (2-core CPU; README, "CPU threads"). Left alone where the user set
+    MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_, or where this is not glibc. Returns
+    whether it was set."""
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    # both thresholds, or glibc's adaptive mmap threshold stops at its 128 KiB default
-    return (bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-            and bool(mallopt(_M_ARENA_MAX, 1)))
+    # both, or glibc's adaptive mmap threshold stops at its 128 KiB default
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
