@@ -251,3 +251,26 @@ def test_both_onnxruntime_builds_are_named_when_cuda_is_missing(models, tmp_path
     export_onnx(model, meta, tmp_path / "s2.onnx")
     with pytest.raises(ortmod.ProviderFallback, match="both onnxruntime and onnxruntime-gpu are installed"):
         ortmod.OrtPredictor(tmp_path / "s2.onnx", meta, torch.device("cuda"), "fp16")
+
+
+def test_onnxruntime_on_cpu_takes_the_commands_threads_and_does_not_spin(models, tmp_path):
+    """onnxruntime would count the machine's cores itself and spin between runs; on CPU the
+    Predictor gives it the threads the command set (--threads) and no spinning, which in
+    boxseg-propose took the cores from decoding and post-processing."""
+    from boxseg.export.onnx import export_onnx
+    from boxseg.models.meta import load_checkpoint_model
+    from boxseg.predict.onnxruntime import OrtPredictor
+
+    model, meta = load_checkpoint_model(models["segnet2"][0])
+    export_onnx(model, meta, tmp_path / "s2.onnx")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        pred = OrtPredictor(tmp_path / "s2.onnx", meta, CPU, "fp32")
+    finally:
+        torch.set_num_threads(threads)
+    opts = pred.session.get_session_options()
+    assert opts.intra_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    x = torch.rand(2, meta["in_channels"], meta["input_size"], meta["input_size"])
+    assert torch.allclose(pred(x), load_predictor(models["segnet2"][0], CPU, "fp32")(x), atol=1e-4)
