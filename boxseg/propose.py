@@ -13,8 +13,9 @@ The pipeline is a chain of stages with bounded queues:
   model     pairs in fixed-size batches (`cfg.batch`; only the last is short): the input
             built on the device into one buffer reused batch after batch (normalised image,
             box masks, the score-map channel of SegNet1, once per image), SegNet2 through its
-            Predictor (any backend). On CPU with the eager backend 2 batches are in flight,
-            each in a thread with half of torch's threads (`streams`): with one batch at a
+            Predictor (any backend). On CPU with eager torch or onnxruntime 2 batches are in
+            flight, each in a thread with half of the threads (`streams`; onnxruntime: a
+            session each): with one batch at a
             time every parallel region of the network also waited on whatever else ran on
             the cores, and a core idled while the main thread post-processed; the streams'
             maps are taken in batch order, so the outputs are those of one stream;
@@ -328,7 +329,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     server process, so this one, with its CUDA context and heap, is neither copied nor left
     with copy-on-write faults; the dataset is pickled to each worker instead). `streams`
     batches are in the model at once, each in a thread with a share of torch's threads
-    (default `_default_streams`: 2 on CPU with the eager backend, else 1); their maps are
+    (default `_default_streams`: 2 on CPU with eager torch or onnxruntime, else 1); their maps are
     taken in batch order, so the outputs do not depend on it. `device_jpeg`: plain JPEGs are
     decoded on `device` (`_device_canvases`: torchvision.io.decode_jpeg, nvJPEG on CUDA), the
     other files as before; not with `cfg.crf`, which needs the image on the host."""
@@ -365,9 +366,13 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     if streams is None:
         streams = _default_streams(segnet2, segnet1, device)
     streams = max(1, streams)
-    if streams > 1 and not eager_only(segnet2, segnet1):
-        raise ValueError(f"{streams} model streams run batches at once, which only the eager torch backend allows "
-                         f"(not {segnet2.backend}: a CUDA graph or an artifact's session has one set of buffers)")
+    if streams > 1 and not streamable(segnet2, segnet1):
+        raise ValueError(f"{streams} model streams run batches at once, which the {segnet2.backend} backend on "
+                         f"{device.type} does not allow (one set of buffers for its runs): eager torch, or "
+                         f"onnxruntime on CPU, do")
+    # each stream its own Predictor (the same one for eager torch; a session each for onnxruntime)
+    models2 = segnet2.for_streams(streams) if streams > 1 else [segnet2]
+    models1 = segnet1.for_streams(streams) if streams > 1 and segnet1 is not None else [segnet1] * streams
     run.streams = streams
     inputs = [_Inputs(cfg.batch, 4 if segnet1 is None else 5, size, device) for _ in range(streams)]
     main_threads = torch.get_num_threads()
@@ -425,7 +430,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         and when it started and ended (perf_counter seconds)."""
         t = time.perf_counter()
         with torch.no_grad():
-            logits = segnet2(inputs[slot](*args))
+            logits = models2[slot](inputs[slot](*args, models1[slot]))
             fg = logits.softmax(1)[:, 1]
             # softmax gives [0, 1] or NaN, and the max propagates NaN: a map's max is finite exactly
             # when the whole map is (a reduction; isfinite over the maps cost 20x more)
@@ -443,7 +448,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         img_idx = torch.tensor([pos[i] for i, _ in pairs]).to(device, non_blocking=True)
         cls = torch.tensor([m for _, m in pairs]).to(device, non_blocking=True)
         ranges = [pending[i].rec["ranges"][pending[i].rec["labels"] == m] for i, m in pairs]
-        args, slot = (canvases, img_idx, cls, ranges, segnet1), seq % streams
+        args, slot = (canvases, img_idx, cls, ranges), seq % streams
         seq += 1
         if model_pool is None:
             finish(pairs, order, forward(args, slot), t_in)
@@ -546,14 +551,16 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     return run
 
 
-def eager_only(*predictors) -> bool:
-    """Whether every given Predictor is the eager torch one (the only one model streams may share)."""
-    return all(p is None or p.backend == "torch" for p in predictors)
+def streamable(*predictors) -> bool:
+    """Whether model streams may run these Predictors (`Predictor.streamable`: eager torch, or
+    onnxruntime on CPU)."""
+    return all(p is None or p.streamable for p in predictors)
 
 
 def _default_streams(segnet2, segnet1, device: torch.device) -> int:
-    """Model streams: on CPU with the eager backend, 2 batches in flight on half the threads each."""
-    if device.type != "cpu" or torch.get_num_threads() < 2 or not eager_only(segnet2, segnet1):
+    """Model streams: on CPU where the backend allows them (eager torch, onnxruntime), 2
+    batches in flight on half the threads each; else 1."""
+    if device.type != "cpu" or torch.get_num_threads() < 2 or not streamable(segnet2, segnet1):
         return 1
     return 2
 

@@ -274,3 +274,31 @@ def test_onnxruntime_on_cpu_takes_the_commands_threads_and_does_not_spin(models,
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     x = torch.rand(2, meta["in_channels"], meta["input_size"], meta["input_size"])
     assert torch.allclose(pred(x), load_predictor(models["segnet2"][0], CPU, "fp32")(x), atol=1e-4)
+
+
+def test_stream_predictors_of_each_backend(models, tmp_path):
+    """Model streams (boxseg.propose) run batches at once: the eager Predictor is shared, an
+    onnxruntime one on CPU gives a session each (1/n of the threads, made once and kept), a
+    compiled one none (one set of buffers); each stream's logits are the Predictor's."""
+    from boxseg.export.onnx import export_onnx
+    from boxseg.models.meta import load_checkpoint_model
+    from boxseg.predict.onnxruntime import OrtPredictor
+
+    eager = load_predictor(models["segnet2"][0], CPU, "fp32")
+    assert eager.streamable and eager.for_streams(3) == [eager] * 3
+    compiled = load_predictor(models["segnet2"][0], CPU, "fp32", "compile", batch=4)
+    assert not compiled.streamable and compiled.for_streams(2) is None
+    model, meta = load_checkpoint_model(models["segnet2"][0])
+    export_onnx(model, meta, tmp_path / "s2.onnx")
+    ort = OrtPredictor(tmp_path / "s2.onnx", meta, CPU, "fp32")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        streams = ort.for_streams(2)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(streams) == 2 and len({id(p) for p in streams} | {id(ort)}) == 3
+    assert [p.session.get_session_options().intra_op_num_threads for p in streams] == [1, 1]
+    assert [id(p) for p in ort.for_streams(2)] == [id(p) for p in streams]  # kept, not loaded again
+    x = torch.rand(2, meta["in_channels"], meta["input_size"], meta["input_size"])
+    assert all(torch.equal(p(x), ort(x)) for p in streams)

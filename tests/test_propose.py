@@ -562,14 +562,15 @@ def test_decode_on_device_without_torchvision_names_the_package(world, tmp_path,
     assert r.exit_code == 6 and "needs torchvision" in r.output
 
 
-def test_streams_need_the_eager_backend(world, tmp_path):
-    """Two batches at once share the Predictor: only the eager one allows it (a CUDA graph or
-    an artifact's session has one set of buffers), so anything else is refused up front."""
+def test_streams_need_a_backend_that_allows_them(world, tmp_path):
+    """Two batches at once: eager torch (shared) and onnxruntime on CPU (a session each)
+    allow it; a compiled graph, like a CUDA graph or an engine, has one set of buffers, so
+    it is refused up front."""
     from boxseg.predict.torch_backends import CompiledPredictor
 
     meta = segnet2_meta(S2, 4)
     pred = CompiledPredictor(_model(meta, 0), meta, torch.device("cpu"), "fp32", 8)  # compiles when first called
-    with pytest.raises(ValueError, match="only the eager torch backend"):
+    with pytest.raises(ValueError, match="does not allow"):
         propose(pred, None, _train_set(world), tmp_path, S2.input_size, ProposalConfig(batch=8), torch.device("cpu"),
                 streams=2)
     assert not list(tmp_path.glob("*.png"))

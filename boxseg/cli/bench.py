@@ -66,7 +66,8 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--decode-on-device", is_flag=True,
               help="--e2e: boxseg-propose --decode-on-device (JPEGs decoded by torchvision on the device: nvJPEG).")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
-              help="--e2e: boxseg-propose's model streams (default: 2 on CPU with the torch backend, else 1).")
+              help="--e2e: boxseg-propose's model streams (default: 2 on CPU with the torch or onnxruntime "
+                   "backend, else 1).")
 @click.option("--e2e-runs", type=click.IntRange(min=1), default=3, show_default=True,
               help="--e2e: timed runs of the pipeline after a warm-up run, each against the model alone timed just "
                    "before it; the median of their ratios is reported.")
@@ -109,9 +110,10 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
         root = voc_root or synth_world("tiny", 0)[2]
         images = ImageSet(VOCDataset(root, "train"), NUM_VOC_CLASSES)
         e2e_backends = tuple((backends or "torch").split(","))
-        if streams is not None and streams > 1 and set(e2e_backends) != {"torch"}:
-            raise click.BadParameter(f"{streams} streams run batches at once: only the torch backend allows it",
-                                     param_hint="--streams")
+        allowed = {"torch", "onnxruntime"} if dev.type == "cpu" else {"torch"}
+        if streams is not None and streams > 1 and not set(e2e_backends) <= allowed:
+            raise click.BadParameter(f"{streams} streams run batches at once: only {' and '.join(sorted(allowed))} "
+                                     f"allow it on {dev.type}", param_hint="--streams")
         with exit_on_errors():  # (torchvision missing for --decode-on-device: exit 6 naming it)
             rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
                              log=lambda s: click.echo(s, err=True), backends=e2e_backends,

@@ -87,7 +87,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
                    "forked from this process, or forked from a small forkserver process instead.")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
               help="Batches in the model at once, each in its own thread with a share of --threads (default: 2 on "
-                   "CPU with the torch backend, else 1).")
+                   "CPU with the torch or onnxruntime backend, else 1; more only with those).")
 @click.option("--decode-on-device", is_flag=True,
               help="Decode JPEGs on the model's device (torchvision.io.decode_jpeg: nvJPEG on CUDA); other files, "
                    "and any JPEG it refuses, on the CPU. Needs torchvision. Pixels within JPEG-decoder tolerance of "
@@ -225,7 +225,7 @@ def _claim(out_dir: Path, overwrite: bool, **signature) -> None:
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
              log, shard, backend=None, decoders="auto", streams=None, decode_on_device=False):
     from boxseg.export.artifacts import open_predictor
-    from boxseg.propose import eager_only, propose
+    from boxseg.propose import propose, streamable
 
     say = lambda s: click.echo(s, err=True)  # noqa: E731
     segnet2 = open_predictor(model_path, dev, precision, backend, "segnet2", cfg.batch, log=say)
@@ -240,9 +240,9 @@ def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precis
                                           f"{len(target.names)}")
     elif segnet1_path is not None:
         raise click.UsageError(f"{model_path} is a 4-channel SegNet2 (round 1): it takes no --segnet1")
-    if streams is not None and streams > 1 and not eager_only(segnet2, segnet1):
-        raise click.BadParameter(f"{streams} streams run batches at once: only the torch backend allows it, not "
-                                 f"{segnet2.backend}", param_hint="--streams")
+    if streams is not None and streams > 1 and not streamable(segnet2, segnet1):
+        raise click.BadParameter(f"{streams} streams run batches at once: the torch backend, or onnxruntime on CPU, "
+                                 f"allows it, not {segnet2.backend} on {dev.type}", param_hint="--streams")
     run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
                   workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty(),
                   streams=streams, device_jpeg=decode_on_device, **decoder_options(decoders))

@@ -109,6 +109,18 @@ class Predictor:
             outs.append(y)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    @property
+    def streamable(self) -> bool:
+        """Whether `for_streams` gives Predictors that may run at the same time."""
+        return False
+
+    def for_streams(self, n: int) -> list[Predictor] | None:
+        """`n` Predictors of this one that may run batches at the same time, one per model
+        stream of boxseg.propose, each on 1/n of torch's threads (as they are now); None where
+        the backend holds one set of buffers for its runs (CUDA graphs, compiled graphs, a
+        TensorRT context, an AOTInductor package)."""
+        return None
+
     def describe(self) -> dict:
         return {"backend": self.backend, "provider": self.provider, "precision": self.precision,
                 "kind": self.kind, "device": str(self.device), "max_batch": self.max_batch, **self.settings}

@@ -76,7 +76,8 @@ def import_onnxruntime():
 class OrtPredictor(Predictor):
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, meta: dict, device: torch.device, precision: str, batch: int = 64):
+    def __init__(self, path: Path, meta: dict, device: torch.device, precision: str, batch: int = 64,
+                 threads: int | None = None):
         ort = import_onnxruntime()
         super().__init__(meta, device, precision, batch)
         path = Path(path)
@@ -96,7 +97,7 @@ class OrtPredictor(Predictor):
             # machine's cores; and no spinning between runs: in boxseg-propose its spinning threads
             # took the cores from the decoding and post-processing (b64 on the 2-core CPU: 756-804
             # pairs/s end to end, 867-912 without; the model alone the same, ~1,640)
-            opts.intra_op_num_threads = torch.get_num_threads()
+            opts.intra_op_num_threads = threads or torch.get_num_threads()
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [(wanted, {"device_id": self.device.index or 0})] if self.device.type == "cuda" else [wanted]
         try:
@@ -123,6 +124,23 @@ class OrtPredictor(Predictor):
         self.path = path
         self.binding = self.session.io_binding()
         self.ort_device = "cuda" if self.device.type == "cuda" else "cpu"
+        self._streams: dict[int, list[OrtPredictor]] = {}
+
+    @property
+    def streamable(self) -> bool:
+        return self.device.type == "cpu"
+
+    def for_streams(self, n: int) -> list[Predictor] | None:
+        """On CPU, n sessions of the same file, each with its own IO binding (one cannot be
+        shared between threads) and 1/n of the threads; made once per n and kept, so that
+        repeated runs do not load them again. None on CUDA (one stream there)."""
+        if not self.streamable:
+            return None
+        if n not in self._streams:
+            each = max(1, torch.get_num_threads() // n)
+            self._streams[n] = [OrtPredictor(self.path, self.meta, self.device, self.precision, self.batch, each)
+                                for _ in range(n)]
+        return list(self._streams[n])
 
     def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         if self.static_hw is not None and self.out_chw is not None:

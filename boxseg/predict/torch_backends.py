@@ -32,6 +32,15 @@ class TorchPredictor(Predictor):
     def run(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.prepare(x))
 
+    @property
+    def streamable(self) -> bool:
+        return type(self) is TorchPredictor  # (not the compiled or CUDA-graph subclasses)
+
+    def for_streams(self, n: int) -> list[Predictor] | None:
+        """Itself n times: the eager network only reads its weights (each stream's thread sets
+        its own share of torch's threads)."""
+        return [self] * n if self.streamable else None
+
 
 class CompiledPredictor(TorchPredictor):
     """torch.compile of the eager network. Shapes are fixed, so each shape compiles once: on
