@@ -15,10 +15,10 @@ The pipeline is a chain of stages with bounded queues:
             box masks, the score-map channel of SegNet1, once per image), SegNet2 through its
             Predictor (any backend). On CPU with eager torch or onnxruntime 2 batches are in
             flight, each in a thread with half of the threads (`streams`; onnxruntime: a
-            session each): with one batch at a
-            time every parallel region of the network also waited on whatever else ran on
-            the cores, and a core idled while the main thread post-processed; the streams'
-            maps are taken in batch order, so the outputs are those of one stream;
+            session each): with one batch at a time every parallel region of the network
+            also waited on whatever else ran on the cores, and a core idled while the main
+            thread post-processed; the streams' maps are taken in batch order, so the
+            outputs are those of one stream;
   post      on the device: softmax, exact un-letterbox to the image's size, the merge rule
             (`merge_foreground_batch`, byte-identical to the numpy reference; on CUDA all of
             a batch's finished images at once over padded tensors) and per-box instance
@@ -90,8 +90,7 @@ class _Decoded(Dataset):
         i = self.indices[k]
         sample_id = self.images.id(i)
         try:
-            # the ground truth is not needed here
-            s = self.images.boxed(i, encoded_jpeg=True) if self.device_jpeg else self.images.boxed(i)
+            s = self.images.boxed(i, encoded_jpeg=self.device_jpeg)  # the ground truth is not needed here
         except DataError as e:
             return {"index": i, "id": sample_id, "error": (str(e.path), e.problem)}
         h, w = s.image.shape[:2]

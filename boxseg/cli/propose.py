@@ -115,8 +115,8 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 @threads_option
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, decoders, streams, decode_on_device, instances, threshold, margin, class_margin, merge, crf, box_centre_fraction, skip_bad,
-         backend, overwrite, threads) -> None:
+         workers, decoders, streams, decode_on_device, instances, threshold, margin, class_margin, merge, crf,
+         box_centre_fraction, skip_bad, backend, overwrite, threads) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
     from boxseg.cli.train import resolve_device
