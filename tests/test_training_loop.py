@@ -38,15 +38,14 @@ def _train(dir, iters=12, every=4, lr=0.05, stop_after=None):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     stage = Stage("toy", dir, iters, 4, every)
-    step = _step
-    if stop_after is not None:
-        calls = {"n": 0}
+    calls = {"n": 0}
 
-        def step(model, batch):  # simulate a kill right after iteration `stop_after`
-            if calls["n"] == stop_after:
-                raise KeyboardInterrupt
-            calls["n"] += 1
-            return _step(model, batch)
+    def killed_step(model, batch):  # simulate a kill right after iteration `stop_after`
+        if calls["n"] == stop_after:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return _step(model, batch)
+    step = _step if stop_after is None else killed_step
     return run_stage(stage, model, opt, Toy(), step, seed=1, device=torch.device("cpu"), log=lambda s: None)
 
 
