@@ -141,6 +141,35 @@ def test_pipeline_equals_a_plain_per_pair_reference(world, tmp_path, channels):
     assert fg_pixels > 1000  # not an all-background answer
 
 
+def test_channels_last_inputs_equal_segnet2_inputs():
+    """The CPU round-1 input built in a channels-last network's layout (a lookup table per
+    image, the pairs' rows by cv2.mixChannels, the boxes painted) holds the values of
+    `segnet2_inputs`, already in the layout the Predictor takes without a copy."""
+    from boxseg.propose import _Inputs
+
+    g = np.random.default_rng(0)
+    s = 48
+    canvases = torch.from_numpy(g.integers(0, 256, (9, s, s, 3), dtype=np.uint8))
+    img_idx = torch.from_numpy(np.sort(g.integers(0, 9, 23)))
+    ranges = []
+    for _ in range(23):  # one to three boxes a pair, some touching the canvas's edges
+        r0, c0 = g.integers(0, s - 1, (2, 3))
+        ranges.append(np.stack([r0, np.minimum(s, r0 + g.integers(1, s, 3)), c0,
+                                np.minimum(s, c0 + g.integers(1, s, 3))], 1)[: g.integers(1, 4)])
+    ranges[0] = np.array([[0, s, 0, s]])
+    cl = _Inputs(32, 4, s, torch.device("cpu"), torch.channels_last)(canvases, img_idx, None, ranges, None)
+    plain = _Inputs(32, 4, s, torch.device("cpu"))(canvases, img_idx, None, ranges, None)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and cl.shape == (23, 4, s, s)
+    assert torch.equal(cl, plain)
+    assert plain[:, 3].sum() > 0 and plain[0, 3].min() == 1
+    # a second, shorter batch reuses the buffers: nothing of the first is left
+    cl2 = _Inputs(32, 4, s, torch.device("cpu"), torch.channels_last)
+    cl2(canvases, img_idx, None, ranges, None)
+    assert torch.equal(cl2(canvases[:2], img_idx[:3] * 0 + 1, None, ranges[5:8], None),
+                       _Inputs(32, 4, s, torch.device("cpu"))(canvases[:2], img_idx[:3] * 0 + 1, None, ranges[5:8],
+                                                                 None))
+
+
 def test_rerun_completes_only_what_is_missing(world, tmp_path):
     images = _train_set(world)
     segnet2 = _model(segnet2_meta(S2, 4), 0)

@@ -68,6 +68,7 @@ class Predictor:
 
     backend: str = "?"
     reuses_outputs: bool = False  # True where the next run overwrites this run's output (CUDA graphs)
+    memory_format: torch.memory_format = torch.contiguous_format  # the input layout `run` takes without a copy
 
     def __init__(self, meta: dict, device: torch.device, precision: str, batch: int = 64):
         self.meta, self.device, self.precision = meta, torch.device(device), precision

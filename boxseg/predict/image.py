@@ -9,6 +9,7 @@ mapped back to the image exactly (`unletterbox`) and turned into probabilities t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,14 @@ import numpy as np
 import torch
 
 from boxseg.data.transforms import MEAN, STD, resize
+
+
+@functools.cache
+def normalize_table() -> np.ndarray:
+    """`normalize` of every uint8 value of each channel: float32 (1, 256, 3), a lookup table
+    for cv2.LUT on (H, W, 3) RGB images (the same values: normalize is elementwise)."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, 1, 256, 3).contiguous()
+    return normalize(values)[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def normalize(images_u8: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
