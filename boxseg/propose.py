@@ -245,8 +245,8 @@ class _Inputs:
     GPU by `range_masks` (a few kernels a batch). For a channels-last network on CPU (eager
     torch) a 4-channel input is built in that layout, so the Predictor does not convert it:
     each image normalised once by a lookup table (`normalize_table`, cv2.LUT), its pairs'
-    rows with a zero box channel by cv2.mixChannels, then the boxes painted (2.5 against
-    6.6 ms a batch of 64 @128 on one thread, the conversion included)."""
+    rows with a zero box channel by cv2.mixChannels, then the boxes painted (2.7 against
+    6.0 ms a batch of 64 @128 on one thread, the conversion included)."""
 
     def __init__(self, batch: int, channels: int, size: int, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format):
@@ -256,8 +256,12 @@ class _Inputs:
             self.hwc = torch.empty((batch, size, size, 4), dtype=torch.float32)  # (B, 4, S, S) channels-last
             self.normed = np.empty((batch, size, size, 3), np.float32)
             self.zero = np.zeros((size, size), np.float32)
-        else:
-            self.buf = torch.empty((batch, channels, size, size), dtype=torch.float32, device=device)
+        else:  # on a GPU in the network's layout too (the same values; its conversion pass saved, not
+            # yet measured); on CPU NCHW: there a channels-last buffer filled by torch's
+            # elementwise operations was slower than NCHW and the conversion together
+            fmt = memory_format if device.type == "cuda" else torch.contiguous_format
+            self.buf = torch.empty((batch, channels, size, size), dtype=torch.float32, device=device).contiguous(
+                memory_format=fmt)
 
     def __call__(self, canvases: torch.Tensor, img_idx: torch.Tensor, cls: torch.Tensor, ranges: list[np.ndarray],
                  segnet1) -> torch.Tensor:
