@@ -311,8 +311,8 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                     med = statistics.median(lats)
                     ref.median_ms, ref.p90_ms, ref.p99_ms = round(med, 3), round(_pct(lats, 0.9), 3), round(_pct(lats, 0.99), 3)
                     ref.images_per_s = round(b / (med / 1000), 2)
-                    ref.note = (f"pairs/s; same Predictor, shapes, batch and input layout as the pipeline's; timed {len(timed)} x "
-                                f"{iters} batches, each time just before an e2e run")
+                    ref.note = (f"pairs/s; same Predictor, shapes, batch and input layout as the pipeline's; timed "
+                                f"{len(timed)} x {iters} batches, each time just before an e2e run")
                     rows.append(ref)
                     ratios = [r.pairs / r.seconds / mo for r, mo in timed]
                     k = sorted(range(len(timed)), key=ratios.__getitem__)[len(timed) // 2]
