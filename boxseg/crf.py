@@ -268,8 +268,9 @@ def dense_crf_full(probs: torch.Tensor, image: torch.Tensor, params: CRFParams =
     Potts pairwise terms through the two kernels, `params.iterations` mean-field updates
     Q <- softmax(log P + sum_k w_k K_k Q). probs float (C, H, W); image (H, W, 3) RGB 0..255."""
     c, h, w = probs.shape
-    # the log in double, rounded once: float32 log on the CPU goes through MKL, whose last bit
-    # varies from process to process (and that moved the result by 1e-5 against the reference)
+    # the log in double, rounded once: a process's first float32 log on the CPU could run a
+    # low-accuracy MKL kernel over one thread's chunk (4e-5 off; boxseg.threads.resolve_mkl_vml),
+    # which moved the result 1.4e-5 from the reference when called outside a command
     unary = probs.float().clamp(clip, 1.0).double().log().float().reshape(c, -1).t()  # (N, C) = -energy
     kernels = crf_kernels(image, params)
     q = torch.softmax(unary, 1)

@@ -1,5 +1,6 @@
 """CPU threads: as many as the CPUs this process may use, across the main process and its
-workers. And the heap: freed memory kept for reuse (`retain_freed_memory`).
+workers. And the heap: freed memory kept for reuse (`retain_freed_memory`); and MKL's
+vector maths resolved before threads race for it (`resolve_mkl_vml`).
 
 torch's default is the machine's core count, whatever the process's CPU affinity or its
 container's CPU quota allow; with more threads than CPUs, every parallel region waits for
@@ -43,16 +44,42 @@ def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 def configure_threads(threads: int | None = None, workers: int = 0) -> int:
     """Set torch's intra-op threads for the main process: `threads` if given, else the
     available CPUs less one per DataLoader worker (each worker runs one thread), at least 1;
-    and keep freed heap memory for reuse (`retain_freed_memory`). Returns the number set."""
+    and keep freed heap memory for reuse (`retain_freed_memory`); resolve MKL's vector maths
+    (`resolve_mkl_vml`). Returns the number set."""
     import torch
 
     retain_freed_memory()
+    resolve_mkl_vml()
 
     n = threads if threads is not None else max(1, available_cpus() - max(0, workers))
     if n < 1:
         raise ValueError(f"--threads must be >= 1, not {n}")
     torch.set_num_threads(n)
     return n
+
+
+# the float unary functions ATen hands to MKL's VML on CPU (aten/src/ATen/cpu/vml.h)
+_VML_FUNCTIONS = ("abs", "acos", "asin", "atan", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "expm1", "lgamma",
+                  "log", "log10", "log1p", "log2", "sin", "sinh", "sqrt", "tan", "tanh", "trunc")
+
+
+def resolve_mkl_vml() -> None:
+    """Call each of them once, in this thread, on one element of float32 and of float64.
+    oneMKL 2024.2 (in torch 2.13's CPU wheel) picks each VML function's kernel on its first
+    call; when that first call comes from several intra-op threads at once, one thread can
+    run a low-accuracy kernel over its whole chunk (pytorch/pytorch#188792, open). Seen
+    here: in about 1 process in 4, a fresh process's first `torch.exp` over 10,800 floats on
+    2 threads was off by up to 1.5e-4 relative in its second half (6e-8 otherwise), and a
+    first `log` by 4e-5 absolute; after this, 16 processes of 16 were accurate. Cheap
+    (microseconds) and idempotent."""
+    import torch
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for name in _VML_FUNCTIONS:
+            fn = getattr(torch, name, None)
+            if fn is not None:
+                fn(x)
 
 
 # glibc mallopt parameters

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from boxseg.data.synth import SynthSize, SynthWorld, write_synth
+from boxseg.threads import resolve_mkl_vml
+
+resolve_mkl_vml()  # as every command does: before any test's first parallel float maths (threads.py)
 
 SMALL = SynthSize(n_source=40, n_train=24, n_val=12, min_side=64, max_side=96)
 

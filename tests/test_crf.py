@@ -42,9 +42,10 @@ print(hashlib.sha256(q.numpy().tobytes()).hexdigest())
 
 
 def test_full_crf_gives_the_same_bits_in_every_process():
-    """float32 log on the CPU goes through MKL, whose last bit changed from one process to
-    the next (about 1 in 4 here), and moved the CRF's output by 1.4e-5 against the
-    reference: a CI failure. The unary's log now runs in double and is rounded once."""
+    """A process's first float32 log on the CPU could run a low-accuracy MKL kernel over one
+    thread's chunk (about 1 process in 4 here; pytorch/pytorch#188792), which moved the
+    CRF's output 1.4e-5 from the reference: a CI failure. The unary's log now runs in double
+    and is rounded once, so the CRF does not depend on `resolve_mkl_vml` having run."""
     import subprocess
     import sys
 
