@@ -272,7 +272,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
     the run with the median ratio, and its note gives every run's pair, the ratios and
     that run's stage breakdown."""
     from boxseg.config import ProposalConfig
-    from boxseg.propose import propose
+    from boxseg.propose import StreamsRefused, check_streams, propose
 
     rows: list[BenchRow] = []
     model = copy.deepcopy(model).eval()
@@ -287,10 +287,13 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                     ref = BenchRow(name, f"model-only {backend}", precision, b, "ok")
                     try:
                         pred = make_predictor(backend, model, meta, precision, device, b, Path(work), log, compile_mode)
+                        check_streams(streams, pred)
                         # in the layout the Predictor takes without a copy, as the pipeline builds
                         # it (an NCHW input to a channels-last network costs ~6% more on CPU)
                         x = example_inputs(meta, b).to(device).contiguous(memory_format=pred.memory_format)
                         lat = time_fn(lambda: pred(x), device, warmup, iters)
+                    except StreamsRefused:
+                        raise  # a --streams error for the command, not a row of the table
                     except Exception as e:  # noqa: BLE001 - reported in the table
                         ref.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                         rows.append(ref)

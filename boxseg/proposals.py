@@ -125,11 +125,12 @@ def range_masks(ranges: list, height: int, width: int, device) -> torch.Tensor:
     return ((yy >= r0) & (yy < r1) & (xx >= c0) & (xx < c1)).any(1)
 
 
-def fill_ranges(out: np.ndarray, ranges: list, value=1) -> np.ndarray:
+def fill_ranges(out: np.ndarray, ranges: list, value=1, clear: bool = True) -> np.ndarray:
     """`range_masks` in numpy, painted into `out` (P, H, W) in place: 0 outside, `value`
     inside any of entry p's pixel ranges (an int array (k, 4) of r0, r1, c0, c1). On CPU a
-    box costs a slice assignment, microseconds."""
-    out.fill(0)
+    box costs a slice assignment, microseconds. `clear=False`: `out` is already 0 outside."""
+    if clear:
+        out.fill(0)
     for p, rs in enumerate(ranges):
         for r0, r1, c0, c1 in np.asarray(rs).reshape(-1, 4).tolist():
             out[p, r0:r1, c0:c1] = value

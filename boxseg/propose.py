@@ -280,8 +280,7 @@ class _Inputs:
             cv2.LUT(u8[k], table, dst=normed[k])
         for p, i in enumerate(img_idx.tolist()):
             cv2.mixChannels([normed[i], self.zero], [hwc[p]], [0, 0, 1, 1, 2, 2, 3, 3])
-            for r0, r1, c0, c1 in np.asarray(ranges[p]).reshape(-1, 4).tolist():
-                hwc[p, r0:r1, c0:c1, 3] = 1.0
+        fill_ranges(hwc[: len(ranges), :, :, 3], ranges, 1.0, clear=False)  # (the box channel is 0 already)
         return self.hwc[: len(ranges)].permute(0, 3, 1, 2)
 
 
@@ -393,10 +392,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     if streams is None:
         streams = _default_streams(segnet2, segnet1, device)
     streams = max(1, streams)
-    if streams > 1 and not streamable(segnet2, segnet1):
-        raise ValueError(f"{streams} model streams run batches at once, which the {segnet2.backend} backend on "
-                         f"{device.type} does not allow (one set of buffers for its runs): eager torch, or "
-                         f"onnxruntime on CPU, do")
+    check_streams(streams, segnet2, segnet1)
     # each stream its own Predictor (the same one for eager torch; a session each for onnxruntime)
     models2 = segnet2.for_streams(streams) if streams > 1 else [segnet2]
     models1 = segnet1.for_streams(streams) if streams > 1 and segnet1 is not None else [segnet1] * streams
@@ -587,6 +583,19 @@ def streamable(*predictors) -> bool:
     """Whether model streams may run these Predictors (`Predictor.streamable`: eager torch, or
     onnxruntime on CPU)."""
     return all(p is None or p.streamable for p in predictors)
+
+
+class StreamsRefused(ValueError):
+    """More than one model stream asked of a Predictor that holds one set of buffers."""
+
+
+def check_streams(streams: int | None, segnet2, segnet1=None) -> None:
+    """Raise StreamsRefused where `streams` > 1 and a Predictor cannot run batches at once
+    (`streamable`); boxseg-propose and boxseg-bench turn it into a --streams error."""
+    if streams is not None and streams > 1 and not streamable(segnet2, segnet1):
+        raise StreamsRefused(f"{streams} model streams run batches at once, which the {segnet2.backend} backend "
+                             f"on {segnet2.device.type} does not allow (one set of buffers for its runs): eager "
+                             f"torch, or onnxruntime on CPU, do")
 
 
 def _default_streams(segnet2, segnet1, device: torch.device) -> int:

@@ -603,3 +603,12 @@ def test_streams_need_a_backend_that_allows_them(world, tmp_path):
         propose(pred, None, _train_set(world), tmp_path, S2.input_size, ProposalConfig(batch=8), torch.device("cpu"),
                 streams=2)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_cli_refuses_streams_the_backend_does_not_allow(world, tmp_path, ckpts):
+    """The same check (boxseg.propose.check_streams) behind boxseg-propose's --streams: a
+    usage error naming the option, before anything is written."""
+    r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), "--voc-root", str(world.voc_root),
+                                         "--out", str(tmp_path / "p"), "--backend", "compile", "--streams", "2"])
+    assert r.exit_code == 2 and "--streams" in r.output and "compile backend" in r.output, r.output
+    assert not list((tmp_path / "p").glob("*.png"))

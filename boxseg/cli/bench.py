@@ -109,18 +109,18 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
 
         root = voc_root or synth_world("tiny", 0)[2]
         images = ImageSet(VOCDataset(root, "train"), NUM_VOC_CLASSES)
-        e2e_backends = tuple((backends or "torch").split(","))
-        allowed = {"torch", "onnxruntime"} if dev.type == "cpu" else {"torch"}
-        if streams is not None and streams > 1 and not set(e2e_backends) <= allowed:
-            raise click.BadParameter(f"{streams} streams run batches at once: only {' and '.join(sorted(allowed))} "
-                                     f"allow it on {dev.type}", param_hint="--streams")
-        with exit_on_errors():  # (torchvision missing for --decode-on-device: exit 6 naming it)
-            rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
-                             log=lambda s: click.echo(s, err=True), backends=e2e_backends,
-                             compile_mode=compile_mode,
-                             writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
-                             e2e_runs=e2e_runs, streams=streams, device_jpeg=decode_on_device,
-                             **decoder_options(decoder_kind))
+        from boxseg.propose import StreamsRefused
+
+        try:
+            with exit_on_errors():  # (torchvision missing for --decode-on-device: exit 6 naming it)
+                rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
+                                 log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
+                                 compile_mode=compile_mode,
+                                 writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
+                                 e2e_runs=e2e_runs, streams=streams, device_jpeg=decode_on_device,
+                                 **decoder_options(decoder_kind))
+        except StreamsRefused as e:  # (each backend's Predictor checked as it is made, before it is timed)
+            raise click.BadParameter(str(e), param_hint="--streams") from None
     else:
         rows = bench(model, meta, name, (backends or "torch,torch-cl,onnxruntime").split(","), precision_list,
                      batch_list, dev, warmup, iters, log=lambda s: click.echo(s, err=True), compile_mode=compile_mode)

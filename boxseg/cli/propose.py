@@ -225,7 +225,7 @@ def _claim(out_dir: Path, overwrite: bool, **signature) -> None:
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
              log, shard, backend=None, decoders="auto", streams=None, decode_on_device=False):
     from boxseg.export.artifacts import open_predictor
-    from boxseg.propose import propose, streamable
+    from boxseg.propose import StreamsRefused, check_streams, propose
 
     say = lambda s: click.echo(s, err=True)  # noqa: E731
     segnet2 = open_predictor(model_path, dev, precision, backend, "segnet2", cfg.batch, log=say)
@@ -240,9 +240,10 @@ def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precis
                                           f"{len(target.names)}")
     elif segnet1_path is not None:
         raise click.UsageError(f"{model_path} is a 4-channel SegNet2 (round 1): it takes no --segnet1")
-    if streams is not None and streams > 1 and not streamable(segnet2, segnet1):
-        raise click.BadParameter(f"{streams} streams run batches at once: the torch backend, or onnxruntime on CPU, "
-                                 f"allows it, not {segnet2.backend} on {dev.type}", param_hint="--streams")
+    try:
+        check_streams(streams, segnet2, segnet1)
+    except StreamsRefused as e:
+        raise click.BadParameter(str(e), param_hint="--streams") from None
     run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
                   workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty(),
                   streams=streams, device_jpeg=decode_on_device, **decoder_options(decoders))

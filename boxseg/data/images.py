@@ -50,7 +50,7 @@ class ImageSet:
             return self._cache[i]
         if not hasattr(self.dataset, "boxed"):
             return self[i]
-        s = self.dataset.boxed(i, encoded_jpeg=encoded_jpeg) if encoded_jpeg else self.dataset.boxed(i)
+        s = self.dataset.boxed(i, encoded_jpeg=encoded_jpeg)
         return Item(self.id(i), s.image, s.boxes, s.labels, None)
 
     def ground_truth(self, i: int) -> np.ndarray | None:
