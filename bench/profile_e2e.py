@@ -43,7 +43,7 @@ class _Subset:
         return getattr(self.images, name)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("voc_root", type=Path)
     ap.add_argument("--device", default="cuda")
@@ -54,7 +54,11 @@ def main() -> None:
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--limit", type=int, default=300, help="images in the profiled run")
     ap.add_argument("--out", type=Path, default=Path("."))
-    a = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
 
     device = torch.device(a.device)
     meta = segnet2_meta(preset(a.preset).segnet2, 4)
