@@ -195,6 +195,24 @@ def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], pr
     return rows
 
 
+def source_commit() -> str | None:
+    """The git commit of the boxseg source that runs (short hash, "+dirty" when its tracked
+    files differ from it), or None outside a git checkout or without git."""
+    import subprocess
+
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment(device: torch.device) -> dict:
     import numpy
 
@@ -207,7 +225,7 @@ def environment(device: torch.device) -> dict:
            "onnxruntime": ort, "numpy": numpy.__version__, "boxseg": boxseg.__version__,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "tf32": False,
-           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "commit": source_commit()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

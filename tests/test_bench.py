@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+import boxseg
+from boxseg.bench import source_commit
 from boxseg.cli.bench import main as bench_cli
 
 
@@ -27,6 +34,47 @@ def test_bench_writes_consistent_rows(tmp_path):
     trt = [row for row in rows if row["backend"] == "tensorrt"]
     assert all(row["status"].startswith("not run:") for row in trt)
     assert (tmp_path / "t.png").stat().st_size > 1000 and "| segnet2@64 |" in (tmp_path / "t.md").read_text()
+    assert {row["commit"] for row in rows} == {source_commit()}
+    assert f"boxseg at {source_commit() or 'an unknown commit'}, " in (tmp_path / "t.md").read_text()
+
+
+def _commit_of(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from boxseg.bench import source_commit; print(source_commit())"],
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
+
+
+def test_rows_name_the_commit_of_the_source_that_ran(tmp_path):
+    """`commit`: git's short hash of the checkout boxseg runs from, +dirty when the package's
+    tracked files differ from it; None outside a checkout."""
+    src = Path(boxseg.__file__).resolve().parent
+
+    def git(*args, cwd=src):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except OSError:
+        pytest.skip("git is not installed")
+    if head.returncode != 0:
+        pytest.skip("boxseg does not run from a git checkout here")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
+    assert source_commit() == head.stdout.strip() + ("+dirty" if dirty else "")
+    # a copy outside any checkout has none
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy / "boxseg", ignore=shutil.ignore_patterns("__pycache__"))
+    r = _commit_of(copy)
+    assert r.stdout.strip() == "None", r.stderr
+    # and a checkout whose package differs from its commit is dirty
+    git("init", "-q", cwd=copy)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=copy)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c", cwd=copy)
+    r = _commit_of(copy)
+    short = git("rev-parse", "--short", "HEAD", cwd=copy).stdout.strip()
+    assert r.stdout.strip() == short, r.stderr
+    with open(copy / "boxseg" / "bench.py", "a") as f:
+        f.write("# changed\n")
+    r = _commit_of(copy)
+    assert r.stdout.strip() == short + "+dirty", r.stderr
 
 
 def test_e2e_times_the_proposal_pipeline_against_the_model(world, tmp_path):

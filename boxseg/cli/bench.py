@@ -131,7 +131,8 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
     lines = [json.dumps({"command": command, **env, **r}) for r in rows_to_dicts(rows)]
     write_bytes_atomic(out_dir / f"{tag}.jsonl", ("\n".join(lines) + "\n").encode())
     header = (f"`{command}`  \n{env['date']}, device {env.get('gpu', env['cpu'])} ({env['device']}, "
-              f"{env['threads']} threads), torch {env['torch']}, onnxruntime {env['onnxruntime']}; "
+              f"{env['threads']} threads), boxseg at {env['commit'] or 'an unknown commit'}, torch {env['torch']}, "
+              f"onnxruntime {env['onnxruntime']}; "
               f"TF32 off; FLOPs counted by torch.utils.flop_counter; 'of matmul' = achieved TFLOP/s over "
               f"a same-dtype matrix product timed in the same run.\n\n")
     table = markdown(rows)
