@@ -197,11 +197,16 @@ def bench(model: torch.nn.Module, meta: dict, name: str, backends: list[str], pr
 
 def source_commit() -> str | None:
     """The git commit of the boxseg source that runs (short hash, "+dirty" when its tracked
-    files differ from it), or None outside a git checkout or without git."""
+    files differ from it), or None outside a git checkout, without git, or where this file
+    is not tracked there (a copy installed into a virtual environment inside some checkout)."""
     import subprocess
 
     src = Path(__file__).resolve().parent
     try:
+        tracked = subprocess.run(["git", "-C", str(src), "ls-files", "--error-unmatch", Path(__file__).name],
+                                 capture_output=True, text=True, timeout=10)
+        if tracked.returncode != 0:
+            return None
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:

@@ -64,8 +64,13 @@ def test_rows_name_the_commit_of_the_source_that_ran(tmp_path):
     shutil.copytree(src, copy / "boxseg", ignore=shutil.ignore_patterns("__pycache__"))
     r = _commit_of(copy)
     assert r.stdout.strip() == "None", r.stderr
-    # and a checkout whose package differs from its commit is dirty
+    # a copy inside a checkout that does not track it (installed into a venv there) has none
     git("init", "-q", cwd=copy)
+    (copy / "other.txt").write_text("x")
+    git("add", "other.txt", cwd=copy)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "other", cwd=copy)
+    assert _commit_of(copy).stdout.strip() == "None"
+    # and a checkout whose package differs from its commit is dirty
     git("-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=copy)
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c", cwd=copy)
     r = _commit_of(copy)
