@@ -298,6 +298,8 @@ class ProposalRun:
     streams: int = 1                                      # batches in the model at once (CPU: threads)
     jpeg_decoder: str = "cpu"                             # or "nvJPEG": JPEGs decoded on the device
     jpeg_fallbacks: int = 0                               # JPEGs the device decoder refused: decoded on the CPU
+    fill: float = 0.0    # seconds from the start to the first batch handed to the model (start-up, first decodes)
+    drain: float = 0.0   # seconds from the last batch handed to the model to the end (its model, post, writes)
 
     @property
     def model_seconds(self) -> float:
@@ -308,7 +310,7 @@ class ProposalRun:
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
              "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
              "decoders": self.decoders, "streams": self.streams, "jpeg_decoder": self.jpeg_decoder,
-             "jpeg_fallbacks": self.jpeg_fallbacks}
+             "jpeg_fallbacks": self.jpeg_fallbacks, "fill": round(self.fill, 4), "drain": round(self.drain, 4)}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
             d["pairs_per_s"] = round(self.pairs / self.seconds, 2)
@@ -448,6 +450,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         torch.set_num_threads(1)  # the main thread's own torch work: post-processing, small
     inflight: deque = deque()  # batches in the model streams, oldest first
     seq = 0
+    handed: list[float] = []  # when the first and the latest batch went to the model (perf_counter)
 
     def forward(args: tuple, slot: int) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
         """Inputs, the model, foreground probabilities and finite flags of one batch (in a stream),
@@ -476,6 +479,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         ranges = [pending[i].rec["ranges"][pending[i].rec["labels"] == m] for i, m in pairs]
         args, slot = (canvases, img_idx, cls, ranges), seq % streams
         seq += 1
+        now = time.perf_counter()
+        handed[:] = [handed[0] if handed else now, now]
         if model_pool is None:
             finish(pairs, order, forward(args, slot), t_in)
         else:
@@ -566,7 +571,10 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         if procs is not None:
             procs.shutdown(wait=True)
         bar.close()
-    run.seconds = time.perf_counter() - t0
+    end = time.perf_counter()
+    run.seconds = end - t0
+    if handed:  # the pipeline's fill and drain: the fixed costs that a longer run spreads thinner
+        run.fill, run.drain = handed[0] - t0, end - handed[1]
     # the device's busy share: model + post (+ download on CUDA, timed by events); on CPU the
     # time covered by the model (in any stream) or post-processing
     if cuda:
@@ -859,6 +867,9 @@ def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
     timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
               "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs), "stages": stages,
               "device_busy": round(sum(busy) / len(busy), 4) if busy else None,
+              # the fixed costs at both ends (the slowest rank's): start to the first batch in the
+              # model, the last batch in the model to the end
+              "fill": max(r.get("fill", 0.0) for r in runs), "drain": max(r.get("drain", 0.0) for r in runs),
               # how the run decoded, ran the model and wrote (every rank alike)
               "decoders": runs[0].get("decoders"), "streams": runs[0].get("streams"),
               "jpeg_decoder": runs[0].get("jpeg_decoder"),

@@ -204,6 +204,11 @@ def test_cli_manifest_quality_and_baselines(world, tmp_path, ckpts):
     assert st["model"] <= st["wall"] and st["wait_decode"] + st["upload"] <= st["wall"]
     assert 0 < m["timing"]["device_busy"] <= 1
     assert "where the time went: wait_decode" in r.output
+    # the fill (start to the first batch in the model) and drain (the last batch to the end): both
+    # happen, neither is the whole run, and the batches in between took the rest
+    t = m["timing"]
+    assert 0 < t["fill"] < st["wall"] and 0 < t["drain"] < st["wall"] and t["fill"] + t["drain"] < st["wall"]
+    assert f"pipeline fill {t['fill']:.2f} s" in r.output
     # decoder processes from a forkserver (--decoders): the same bytes, recorded in the manifest
     fs = tmp_path / "fs"
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), *args[:2], "--out", str(fs), "--batch", "7",
