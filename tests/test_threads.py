@@ -125,3 +125,29 @@ def test_every_command_resolves_mkl_vector_maths_before_threads_race_for_it():
     errors = [float(subprocess.run([sys.executable, "-c", _FIRST_EXP, "resolved"], capture_output=True, text=True,
                                    timeout=120, check=True).stdout) for _ in range(6)]
     assert max(errors) < 1e-6, errors
+
+
+def _opencv_threads(_):
+    import cv2
+
+    return cv2.getNumThreads()
+
+
+@pytest.mark.parametrize("init", ["foreground_worker", "background_worker"])
+def test_worker_processes_run_opencv_on_one_thread(init):
+    """boxseg's worker processes (decoders, writers, training loaders) use one OpenCV thread
+    each, whatever the parent uses; the parent keeps its own setting."""
+    import cv2
+    from torch.utils.data import DataLoader
+
+    from boxseg import workers
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)  # the parent on several threads (its default is one per core)
+    try:
+        loader = DataLoader(list(range(2)), batch_size=1, num_workers=1, collate_fn=_opencv_threads,
+                            worker_init_fn=getattr(workers, init), multiprocessing_context="fork")
+        assert list(loader) == [1, 1]
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
