@@ -352,13 +352,15 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                                 f"against the model alone just before it (e2e / model-only pairs/s: {each}); "
                                 f"e2e / model-only = {100 * ratio:.0f}%, the median of "
                                 f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {r.seconds:.2f} s: "
-                                f"{stages}; device busy {100 * r.timing['device_busy']:.0f}%; fill {r.fill:.2f} s, drain "
-                                f"{r.drain:.2f} s; decoders: {r.decoders}; "
+                                f"{stages}; device busy {100 * r.timing['device_busy']:.0f}%; "
+                                f"fill {r.fill:.2f} s (starting processes {r.start:.2f} s), drain {r.drain:.2f} s; "
+                                f"decoders: {r.decoders}; "
                                 f"writers: {r.writers}; model streams: {r.streams}; JPEGs decoded by: {r.jpeg_decoder}"
                                 f"{f' ({r.jpeg_fallbacks} on the CPU)' if r.jpeg_fallbacks else ''}; "
                                 f"median_ms = wall time per batch")
                     rows.append(row)
                     log(f"e2e {backend} {precision} b{b}: {row.images_per_s} pairs/s end to end against "
                         f"{timed[k][1]:.2f} model-only just before ({100 * ratio:.0f}%, the median of the runs' "
-                        f"ratios {', '.join(f'{100 * v:.0f}' for v in ratios)}%); {stages}; fill {r.fill:.2f} s, drain {r.drain:.2f} s")
+                        f"ratios {', '.join(f'{100 * v:.0f}' for v in ratios)}%); {stages}; "
+                        f"fill {r.fill:.2f} s (starting processes {r.start:.2f} s), drain {r.drain:.2f} s")
     return rows

@@ -298,6 +298,7 @@ class ProposalRun:
     streams: int = 1                                      # batches in the model at once (CPU: threads)
     jpeg_decoder: str = "cpu"                             # or "nvJPEG": JPEGs decoded on the device
     jpeg_fallbacks: int = 0                               # JPEGs the device decoder refused: decoded on the CPU
+    start: float = 0.0   # seconds starting the writer processes and decoder processes (forks), if any
     fill: float = 0.0    # seconds from the start to the first batch handed to the model (start-up, first decodes)
     drain: float = 0.0   # seconds from the last batch handed to the model to the end (its model, post, writes)
 
@@ -310,7 +311,8 @@ class ProposalRun:
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
              "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
              "decoders": self.decoders, "streams": self.streams, "jpeg_decoder": self.jpeg_decoder,
-             "jpeg_fallbacks": self.jpeg_fallbacks, "fill": round(self.fill, 4), "drain": round(self.drain, 4)}
+             "jpeg_fallbacks": self.jpeg_fallbacks,
+             "start": round(self.start, 4), "fill": round(self.fill, 4), "drain": round(self.drain, 4)}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
             d["pairs_per_s"] = round(self.pairs / self.seconds, 2)
@@ -416,6 +418,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         procs = ProcessPoolExecutor(max(1, writers), mp_context=multiprocessing.get_context("fork"),
                                     initializer=_writer_process)
         procs.submit(int, 0).result()
+    run.start = time.perf_counter() - t0
     run.writers = "processes" if procs is not None else "threads"
     pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write",
                               initializer=lower_priority if not cuda else None)
@@ -520,6 +523,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
                                  prefetch_factor=2 if workers else None, pin_memory=cuda, persistent_workers=False,
                                  worker_init_fn=background_worker if not cuda else foreground_worker,
                                  multiprocessing_context=context))
+        run.start = time.perf_counter() - t0  # (the decoders' threads start on the first chunk's wait)
         while True:
             tw = time.perf_counter()
             batch = next(it, None)
@@ -867,9 +871,10 @@ def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
     timing = {"seconds": secs, "per_rank": [r["seconds"] for r in runs],
               "model_seconds": sum(r.get("model_seconds", 0.0) for r in runs), "stages": stages,
               "device_busy": round(sum(busy) / len(busy), 4) if busy else None,
-              # the fixed costs at both ends (the slowest rank's): start to the first batch in the
-              # model, the last batch in the model to the end
-              "fill": max(r.get("fill", 0.0) for r in runs), "drain": max(r.get("drain", 0.0) for r in runs),
+              # the fixed costs at both ends (the slowest rank's): starting helper processes, the
+              # start to the first batch in the model (fill), the last batch in the model to the end
+              "start": max(r.get("start", 0.0) for r in runs), "fill": max(r.get("fill", 0.0) for r in runs),
+              "drain": max(r.get("drain", 0.0) for r in runs),
               # how the run decoded, ran the model and wrote (every rank alike)
               "decoders": runs[0].get("decoders"), "streams": runs[0].get("streams"),
               "jpeg_decoder": runs[0].get("jpeg_decoder"),

@@ -208,13 +208,16 @@ def test_cli_manifest_quality_and_baselines(world, tmp_path, ckpts):
     # happen, neither is the whole run, and the batches in between took the rest
     t = m["timing"]
     assert 0 < t["fill"] < st["wall"] and 0 < t["drain"] < st["wall"] and t["fill"] + t["drain"] < st["wall"]
+    assert 0 <= t["start"] < t["fill"]  # threads only here: nothing forked before the first batch
     assert f"pipeline fill {t['fill']:.2f} s" in r.output
     # decoder processes from a forkserver (--decoders): the same bytes, recorded in the manifest
     fs = tmp_path / "fs"
     r = CliRunner().invoke(propose_cli, ["--model", str(ckpts["s2_4"]), *args[:2], "--out", str(fs), "--batch", "7",
                                          "--workers", "2", "--decoders", "forkserver"])
     assert r.exit_code == 0, r.output
-    assert json.loads((fs / "manifest.json").read_text())["timing"]["decoders"] == "processes (forkserver)"
+    tf = json.loads((fs / "manifest.json").read_text())["timing"]
+    assert tf["decoders"] == "processes (forkserver)"
+    assert 0 < tf["start"] < tf["fill"]  # the decoder processes started before the first batch
     assert m["timing"]["decoders"] == "main thread" and m["timing"]["writers"] == "threads"
     assert _labels(fs) == _labels(out)
     # a rerun writes nothing new

@@ -307,8 +307,9 @@ def _report(m: dict, out_dir: Path) -> None:
         click.echo("where the time went: " + ", ".join(f"{k} {v:.2f} s" for k, v in t["stages"].items() if k != "wall")
                    + (f"; device busy {100 * t['device_busy']:.0f}% of the wall time" if t.get("device_busy") is not None
                       else ""))
-        click.echo(f"pipeline fill {t.get('fill', 0):.2f} s (the start to the first batch in the model), drain "
-                   f"{t.get('drain', 0):.2f} s (the last batch in the model to the end)")
+        click.echo(f"pipeline fill {t.get('fill', 0):.2f} s (the start to the first batch in the model; "
+                   f"starting processes {t.get('start', 0):.2f} s of it), drain {t.get('drain', 0):.2f} s "
+                   f"(the last batch in the model to the end)")
     if "miou" in q:
         click.echo(f"proposal mIoU {100 * q['miou']:.2f} (coverage {100 * q['coverage']:.1f}%)")
     if isinstance(q.get("mask_ap"), dict):
