@@ -20,8 +20,8 @@
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
 #   e2e_decode_threads  cudagraph with decode threads instead of DataLoader processes (on the 2-core
 #                   CPU threads won: no copy-on-write faults after forking; on CUDA the GIL may decide)
-#   e2e_forkserver  cudagraph with decoder processes forked from a forkserver, not from the CUDA
-#                   process (its worker start-up, and its copy-on-write faults, are what differ)
+#   e2e_forkserver  cudagraph with decoder and writer processes forked from a forkserver, not from
+#                   the CUDA process (their start-up, and its copy-on-write faults, are what differ)
 #   e2e_nvjpeg      cudagraph with the JPEGs decoded and letterboxed on the GPU (nvJPEG through
 #                   torchvision.io.decode_jpeg; the image has torchvision 0.26): used by default only if faster
 #   e2e_threads     the same with writer threads (the GIL hypothesis: bench/results/gpu_h200_20261127_b)
@@ -82,7 +82,7 @@ GT="-m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -rs --durations=0"
 step tests 120 $PY $GT -k "not compile and not aoti"
 step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R
 step e2e_decode_threads 60 $B $E --backends cudagraph --decoders threads --tag segnet2_512_e2e_cudagraph_decode_threads
-step e2e_forkserver 60 $B $E --backends cudagraph --decoders forkserver --tag segnet2_512_e2e_cudagraph_forkserver
+step e2e_forkserver 60 $B $E --backends cudagraph --decoders forkserver --writers forkserver --tag segnet2_512_e2e_cudagraph_forkserver
 step e2e_nvjpeg 60 $B $E --backends cudagraph --decode-on-device --tag segnet2_512_e2e_cudagraph_nvjpeg
 step e2e_threads 60 $B $E --backends torch --writers threads --tag segnet2_512_e2e_threads
 H="--model segnet1 --preset paper --size 321 --batch 64 --precision fp16 --warmup 5 --iters 30"

@@ -282,7 +282,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
               backends: tuple[str, ...] = ("torch",), compile_mode: str | None = "auto",
               writer_processes: bool | None = None, decode_processes: bool | None = None,
               e2e_runs: int = 3, decode_start: str = "fork", streams: int | None = None,
-              device_jpeg: bool = False) -> list[BenchRow]:
+              device_jpeg: bool = False, writer_start: str = "fork") -> list[BenchRow]:
     """boxseg-propose's whole pipeline (decode in workers, upload, box masks, model, device
     post-processing, download, PNG writes) on `images` (an ImageSet), against the same
     Predictor alone on inputs of the same shape, batch and layout (its `memory_format`, in
@@ -331,7 +331,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                             run = propose(pred, None, images, Path(out), meta["input_size"], ProposalConfig(batch=b),
                                           device, precision, workers, writer_processes=writer_processes,
                                           decode_processes=decode_processes, decode_start=decode_start,
-                                          streams=streams, device_jpeg=device_jpeg)
+                                          streams=streams, device_jpeg=device_jpeg, writer_start=writer_start)
                         if rep:
                             timed.append((run, b / (statistics.median(lat) / 1000)))
                     med = statistics.median(lats)

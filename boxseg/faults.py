@@ -19,14 +19,15 @@ from collections import Counter
 
 ENV = "BOXSEG_FAILPOINT"
 _hits: Counter[str] = Counter()
-_kill_parent = False
+_kill_parent: int | None = None
 
 
-def kill_parent_too() -> None:
+def kill_parent_too(pid: int | None = None) -> None:
     """In a helper process of a command (boxseg-propose's writer processes): a failpoint
-    here kills the command too, as a kill of the command would end its helpers."""
+    here kills the command too (`pid`, default this process's parent), as a kill of the
+    command would end its helpers."""
     global _kill_parent
-    _kill_parent = True
+    _kill_parent = os.getppid() if pid is None else pid
 
 
 def failpoint(name: str) -> None:
@@ -39,6 +40,6 @@ def failpoint(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == int(nth or 1):
-        if _kill_parent:
-            os.kill(os.getppid(), signal.SIGKILL)
+        if _kill_parent is not None:
+            os.kill(_kill_parent, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -38,8 +38,10 @@ Outputs do not depend on the batch size (eval-mode networks; tested bitwise on C
 
 from __future__ import annotations
 
+import functools
 import json
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -293,7 +295,7 @@ class ProposalRun:
     failed: list[dict] = field(default_factory=list)     # non-finite outputs, nothing written
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)            # seconds per stage (STAGES), device_busy
-    writers: str = ""                                     # "threads" or "processes"
+    writers: str = ""                                     # "threads", "processes[ (forkserver)]"
     decoders: str = ""                                    # "threads", "processes[ (forkserver)]", "main thread"
     streams: int = 1                                      # batches in the model at once (CPU: threads)
     jpeg_decoder: str = "cpu"                             # or "nvJPEG": JPEGs decoded on the device
@@ -344,7 +346,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
             progress: bool = False, writers: int | None = None, chunk: int = 16,
             writer_processes: bool | None = None, decode_processes: bool | None = None,
-            decode_start: str = "fork", streams: int | None = None, device_jpeg: bool = False) -> ProposalRun:
+            decode_start: str = "fork", streams: int | None = None, device_jpeg: bool = False,
+            writer_start: str = "fork") -> ProposalRun:
     """Write `out_dir/ID.png` (and with `instances`, `out_dir/instances/ID.json`) for every
     image of this shard that lacks one. `segnet2` / `segnet1` are Predictors (a torch module
     is wrapped in the eager one at `precision`). A bad image raises DataError naming the
@@ -352,7 +355,9 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     uploaded together. `writers` encode and write (default: 2 on CPU, where they share the
     cores with the model; on CUDA half the available CPUs, 2 to 8): threads, or with
     `writer_processes` (default: on CUDA) forked processes fed by one thread each, so that
-    their Python work never holds the GIL the main loop needs between kernel launches.
+    their Python work never holds the GIL the main loop needs between kernel launches;
+    `writer_start` "forkserver" forks them from the forkserver (`_forkserver`) instead of
+    this process, as `decode_start` does for the decoders.
     `workers` decode: DataLoader processes with `decode_processes` (default: on CUDA), else
     threads (`_decode_in_threads`); 0 decodes in the main thread. `decode_start` starts the
     processes by "fork" (of this process) or "forkserver" (`_forkserver`: forked from a small
@@ -392,6 +397,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
             raise ValueError(f"decode_start must be fork or forkserver, not {decode_start!r}")
         if run.decoders == "processes" and decode_start == "forkserver":
             run.decoders = "processes (forkserver)"
+    if writer_start not in ("fork", "forkserver"):
+        raise ValueError(f"writer_start must be fork or forkserver, not {writer_start!r}")
     clock = _Clock(device)
     if streams is None:
         streams = _default_streams(segnet2, segnet1, device)
@@ -413,13 +420,20 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # forked now, before the loader's and the pool's threads exist; they die with this process
-        before_fork()
-        procs = ProcessPoolExecutor(max(1, writers), mp_context=multiprocessing.get_context("fork"),
-                                    initializer=_writer_process)
-        procs.submit(int, 0).result()
+        # forked now, before the loader's and the pool's threads exist (or by the forkserver); they
+        # die with this process
+        if writer_start == "forkserver":
+            context = _forkserver()
+        else:
+            before_fork()
+            context = multiprocessing.get_context("fork")
+        procs = ProcessPoolExecutor(max(1, writers), mp_context=context, initializer=_writer_process,
+                                    initargs=(os.getpid(),))
+        for f in [procs.submit(int, 0) for _ in range(max(1, writers))]:  # all started now (a forkserver's
+            f.result()                                                 # pool would start them one by one later)
     run.start = time.perf_counter() - t0
-    run.writers = "processes" if procs is not None else "threads"
+    run.writers = ("threads" if procs is None else
+                   "processes (forkserver)" if writer_start == "forkserver" else "processes")
     pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="boxseg-write",
                               initializer=lower_priority if not cuda else None)
     slots = threading.BoundedSemaphore(2 * max(1, writers))      # batches waiting for the writers
@@ -521,7 +535,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
                 before_fork()
             it = iter(DataLoader(decoded, batch_size=max(1, chunk), collate_fn=_collate, num_workers=workers,
                                  prefetch_factor=2 if workers else None, pin_memory=cuda, persistent_workers=False,
-                                 worker_init_fn=background_worker if not cuda else foreground_worker,
+                                 worker_init_fn=functools.partial(background_worker if not cuda else foreground_worker,
+                                                                  command=os.getpid()),
                                  multiprocessing_context=context))
         run.start = time.perf_counter() - t0  # (the decoders' threads start on the first chunk's wait)
         while True:
@@ -751,11 +766,12 @@ def _write_batch(out_dir: Path, job: tuple, clock: _Clock, instances: bool, run:
         slots.release()
 
 
-def _writer_process() -> None:
-    """A writer process: dies with the command, yields the CPU to it, and a failpoint inside
-    it kills the whole command (as a kill of the command during that write would)."""
-    background_worker(0)
-    kill_parent_too()
+def _writer_process(command: int) -> None:
+    """A writer process: dies with the command (pid `command`; its parent, or the forkserver
+    that forked it), yields the CPU to it, and a failpoint inside it kills the whole command
+    (as a kill of the command during that write would)."""
+    background_worker(0, command)
+    kill_parent_too(command)
 
 
 def _write_outputs(out_dir: Path, buf: np.ndarray, layout: _Layout, instances: bool,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import threading
+import time
 
 PR_SET_PDEATHSIG = 1
 
@@ -41,26 +43,45 @@ def before_fork() -> None:
         pass
 
 
-def one_opencv_thread() -> None:
-    """OpenCV in this process on one thread. A worker process is one of many: with OpenCV's
-    default (a thread per core in each of them) its resizes split into per-core pieces that
-    compete with every other worker's (a 2-core check, medium images letterboxed to 512:
-    the same 1.3 ms an image, with 24% more CPU time on 2 threads than on 1). The usual
-    setting for DataLoader workers (mmcv and others do the same)."""
-    import cv2
+def die_with(pid: int) -> None:
+    """This process gets SIGKILL when process `pid` ends: a daemon thread waits on a pidfd of
+    it (Linux >= 5.3; elsewhere it polls every second). For a worker forked by a forkserver,
+    whose parent is the server and not the command: the server lives as long as any of its
+    children, so after a kill of the command the server and the workers were both left
+    behind (~180 MB each), each waiting for the other."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3 (or already gone: the poll sees it)
+        fd = None
 
-    cv2.setNumThreads(1)
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has ended
+        else:
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="boxseg-die-with", daemon=True).start()
 
 
-def foreground_worker(_: int) -> None:
+def foreground_worker(_: int, command: int | None = None) -> None:
+    """A worker's set-up: it ends with its parent, and with `command` (a pid) where that is
+    not its parent (a worker forked by a forkserver)."""
     die_with_parent()
-    one_opencv_thread()
+    if command is not None and command != os.getppid():
+        die_with(command)
 
 
-def background_worker(_: int) -> None:
-    die_with_parent()
+def background_worker(_: int, command: int | None = None) -> None:
+    foreground_worker(_, command)
     lower_priority()
-    one_opencv_thread()
 
 
 # boxseg-propose's and boxseg-bench's --decoders: what its decode --workers are
@@ -75,3 +96,17 @@ def decoder_options(kind: str) -> dict:
         raise ValueError(f"decoders must be one of {', '.join(DECODERS)}, not {kind!r}")
     return {"decode_processes": None if kind == "auto" else kind != "threads",
             "decode_start": "forkserver" if kind == "forkserver" else "fork"}
+
+
+# boxseg-propose's and boxseg-bench's --writers: what its PNG writers are
+WRITERS = ("auto", "threads", "processes", "forkserver")
+
+
+def writer_options(kind: str) -> dict:
+    """`boxseg.propose.propose`'s writer arguments for a `--writers` choice (WRITERS): auto
+    (processes on CUDA, threads on CPU), threads, processes forked from this process, or
+    forked from a forkserver."""
+    if kind not in WRITERS:
+        raise ValueError(f"writers must be one of {', '.join(WRITERS)}, not {kind!r}")
+    return {"writer_processes": None if kind == "auto" else kind != "threads",
+            "writer_start": "forkserver" if kind == "forkserver" else "fork"}

@@ -113,8 +113,8 @@ def test_propose_cudagraph_writes_the_eager_labels(world, tmp_path):
 
 def test_propose_on_cuda_decode_threads_write_the_bytes_of_decode_processes(world, tmp_path):
     """On CUDA the decoders are DataLoader processes (pinned chunks); as threads (pinned in
-    the thread), or as processes from a forkserver, the same chunks reach the same kernels:
-    the same bytes."""
+    the thread), or as processes from a forkserver (the writers too), the same chunks reach
+    the same kernels: the same bytes."""
     from boxseg.config import ProposalConfig
     from boxseg.data.images import ImageSet
     from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
@@ -126,8 +126,9 @@ def test_propose_on_cuda_decode_threads_write_the_bytes_of_decode_processes(worl
     for procs, start, kind in ((True, "fork", "processes"), (False, "fork", "threads"),
                                (True, "forkserver", "processes (forkserver)")):
         run = propose(pred, None, images, tmp_path / kind, pred.input_size, ProposalConfig(batch=16), CUDA,
-                      "fp16", 2, decode_processes=procs, decode_start=start)
+                      "fp16", 2, decode_processes=procs, decode_start=start, writer_start=start)
         assert run.written == len(images) and run.decoders == kind
+        assert run.writers == ("processes (forkserver)" if start == "forkserver" else "processes")
         outs[kind] = {p.name: p.read_bytes() for p in sorted((tmp_path / kind).glob("*.png"))}
     assert outs["processes"] and all(o == outs["processes"] for o in outs.values())
 

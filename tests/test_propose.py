@@ -26,6 +26,7 @@ from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.models.meta import build_model, segnet1_meta, segnet2_meta
 from boxseg.propose import propose
 from boxseg.threads import available_cpus
+from boxseg.workers import writer_options
 from boxseg.models.checkpoint import save_checkpoint
 
 from conftest import first_id
@@ -422,20 +423,27 @@ def test_cli_bad_instance_truth_is_named_and_the_proposals_kept(world_copy, tmp_
 
 
 def test_writer_processes_write_the_bytes_of_writer_threads(world, tmp_path):
-    """On CUDA the PNG writers are processes (their Python work off the main loop's GIL);
-    they write exactly what the writer threads write, instance masks included."""
+    """On CUDA the PNG writers are processes (their Python work off the main loop's GIL),
+    forked from this process or from a forkserver; they write exactly what the writer
+    threads write, instance masks included."""
     meta = segnet2_meta(S2, 4)
     model = _model(meta, 0)
     images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
     runs = {}
-    for procs in (False, True):
-        runs[procs] = propose(model, None, images, tmp_path / str(procs), S2.input_size, ProposalConfig(batch=8),
-                              torch.device("cpu"), "fp32", 0, instances=True, writer_processes=procs, writers=3)
-    assert runs[True].written == runs[False].written == len(images)
+    for kind in ("threads", "processes", "forkserver"):
+        runs[kind] = propose(model, None, images, tmp_path / kind, S2.input_size, ProposalConfig(batch=8),
+                             torch.device("cpu"), "fp32", 0, instances=True, writers=3, **writer_options(kind))
+        assert runs[kind].written == len(images)
+    assert [r.writers for r in runs.values()] == ["threads", "processes", "processes (forkserver)"]
+    assert runs["forkserver"].to_dict()["writers"] == "processes (forkserver)"
     for pattern in ("*.png", "instances/*.json"):
-        a = sorted((tmp_path / "False").glob(pattern))
-        assert a and [p.read_bytes() for p in a] == [(tmp_path / "True" / p.relative_to(tmp_path / "False")).read_bytes()
-                                                    for p in a]
+        a = sorted((tmp_path / "threads").glob(pattern))
+        for kind in ("processes", "forkserver"):
+            assert a and [p.read_bytes() for p in a] == [
+                (tmp_path / kind / p.relative_to(tmp_path / "threads")).read_bytes() for p in a]
+    with pytest.raises(ValueError, match="writer_start must be fork or forkserver"):
+        propose(model, None, images, tmp_path / "x", S2.input_size, ProposalConfig(batch=8), torch.device("cpu"),
+                "fp32", 0, writer_processes=True, writer_start="spawn")
 
 
 def test_decode_threads_processes_and_main_thread_write_the_same_bytes(world_copy, tmp_path):
@@ -475,10 +483,56 @@ def test_decode_threads_processes_and_main_thread_write_the_same_bytes(world_cop
         assert log.skipped[0]["path"] == str(bad) and "cannot decode image" in log.skipped[0]["problem"]
 
 
-def test_a_kill_inside_a_writer_process_kills_the_command_and_the_rerun_completes(world, tmp_path):
+def _left_behind(mark: str, wait: float = 20.0) -> list[str]:
+    """Command lines of the processes whose environment holds BOXSEG_TEST_MARK=`mark` (a
+    command run by a test and everything it started), once they have had `wait` s to end."""
+    needle, deadline = f"BOXSEG_TEST_MARK={mark}".encode(), time.monotonic() + wait
+    while True:
+        alive = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    alive.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+            except OSError:  # ended meanwhile, or not ours
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the processes through /proc (Linux)")
+def test_a_killed_command_leaves_no_forkserver_decoders_behind(world, tmp_path):
+    """Decoder processes forked by a forkserver end with the command: a SIGKILL of the
+    command left the server and its workers waiting for each other (~180 MB each)."""
+    ckpt = _save(tmp_path / "s2.pt", segnet2_meta(S2, 4))
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from boxseg.config import ProposalConfig\n"
+        "from boxseg.data.images import ImageSet\n"
+        "from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset\n"
+        "from boxseg.predict import load_predictor\n"
+        "from boxseg.propose import propose\n"
+        "pred = load_predictor(Path(sys.argv[1]), torch.device('cpu'), 'fp32')\n"
+        "images = ImageSet(VOCDataset(sys.argv[2], 'train'), NUM_VOC_CLASSES)\n"
+        "propose(pred, None, images, Path(sys.argv[3]), pred.meta['input_size'], ProposalConfig(batch=4),\n"
+        "        torch.device('cpu'), 'fp32', 2, chunk=2, decode_processes=True, decode_start='forkserver',\n"
+        "        writer_processes=True, writer_start='forkserver', writers=2)\n")
+    mark = f"{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, "BOXSEG_FAILPOINT": "propose.batch@3", "BOXSEG_TEST_MARK": mark}
+    with open(tmp_path / "log", "w") as log:  # (a file, not a pipe: the survivors would hold a pipe open)
+        r = subprocess.run([sys.executable, "-c", script, str(ckpt), str(world.voc_root), str(tmp_path / "out")],
+                           env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    assert r.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
+    assert _left_behind(mark) == []
+
+
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_a_kill_inside_a_writer_process_kills_the_command_and_the_rerun_completes(world, tmp_path, start):
     """A failpoint in a writer process stands for a kill of the command during that write:
     the command dies (SIGKILL), nothing under a final name is truncated, and a rerun writes
-    only what is missing, byte-identical to an uninterrupted run."""
+    only what is missing, byte-identical to an uninterrupted run. Writers forked from a
+    forkserver kill the command, not the server, and none of them is left behind."""
     images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
     meta = segnet2_meta(S2, 4)
     ckpt = _save(tmp_path / "s2.pt", meta)
@@ -493,13 +547,15 @@ def test_a_kill_inside_a_writer_process_kills_the_command_and_the_rerun_complete
         "pred = load_predictor(Path(sys.argv[1]), torch.device('cpu'), 'fp32')\n"
         "images = ImageSet(VOCDataset(sys.argv[2], 'train'), NUM_VOC_CLASSES)\n"
         "run = propose(pred, None, images, Path(sys.argv[3]), pred.meta['input_size'], ProposalConfig(batch=4),\n"
-        "              torch.device('cpu'), 'fp32', 0, writer_processes=True, writers=2)\n"
+        f"              torch.device('cpu'), 'fp32', 0, writer_processes=True, writers=2, writer_start={start!r})\n"
         "print('written', run.written)\n")
-    env = {**os.environ, "BOXSEG_FAILPOINT": f"write:{images.id(9)}.png@1"}
+    mark = f"{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, "BOXSEG_FAILPOINT": f"write:{images.id(9)}.png@1", "BOXSEG_TEST_MARK": mark}
     out, ref = tmp_path / "out", tmp_path / "ref"
     r = subprocess.run([sys.executable, "-c", script, str(ckpt), str(world.voc_root), str(out)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert _left_behind(mark) == []
     done = sorted(out.glob("*.png"))
     assert len(done) < len(images) and not (out / f"{images.id(9)}.png").exists()
     for p in done:  # whole files only under the final names

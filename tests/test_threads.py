@@ -127,27 +127,38 @@ def test_every_command_resolves_mkl_vector_maths_before_threads_race_for_it():
     assert max(errors) < 1e-6, errors
 
 
-def _opencv_threads(_):
-    import cv2
 
+def _opencv_work(_):
+    import cv2
+    import numpy as np
+
+    cv2.resize(np.zeros((1000, 1000, 3), np.uint8), (1500, 1500))  # OpenCV's parallel path
     return cv2.getNumThreads()
 
 
 @pytest.mark.parametrize("init", ["foreground_worker", "background_worker"])
-def test_worker_processes_run_opencv_on_one_thread(init):
-    """boxseg's worker processes (decoders, writers, training loaders) use one OpenCV thread
-    each, whatever the parent uses; the parent keeps its own setting."""
+def test_commands_run_opencv_on_one_thread_and_forked_workers_do_not_hang(init):
+    """Every command (configure_threads) runs OpenCV on one thread, and so do the workers it
+    forks; a worker forked after the parent's OpenCV threads ran does not hang (a worker
+    that called cv2.setNumThreads itself waited forever on them)."""
     import cv2
+    import numpy as np
     from torch.utils.data import DataLoader
 
     from boxseg import workers
 
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(3)  # the parent on several threads (its default is one per core)
+    def workers_report():
+        return list(DataLoader(list(range(2)), batch_size=1, num_workers=1, collate_fn=_opencv_work, timeout=60,
+                               worker_init_fn=getattr(workers, init), multiprocessing_context="fork"))
+
+    before, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
     try:
-        loader = DataLoader(list(range(2)), batch_size=1, num_workers=1, collate_fn=_opencv_threads,
-                            worker_init_fn=getattr(workers, init), multiprocessing_context="fork")
-        assert list(loader) == [1, 1]
-        assert cv2.getNumThreads() == 3
+        cv2.setNumThreads(2)
+        cv2.resize(np.zeros((1000, 1000, 3), np.uint8), (1500, 1500))  # the parent's OpenCV threads exist now
+        assert workers_report() == [2, 2]  # forked with them: the worker starts and works (no hang)
+        threads.configure_threads(torch_threads)
+        assert cv2.getNumThreads() == 1
+        assert workers_report() == [1, 1]
     finally:
         cv2.setNumThreads(before)
+        torch.set_num_threads(torch_threads)

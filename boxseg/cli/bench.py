@@ -12,7 +12,7 @@ import click
 
 from boxseg.cli import HELP, Exit, exit_on_errors, threads_option, version
 from boxseg.threads import configure_threads
-from boxseg.workers import DECODERS, decoder_options
+from boxseg.workers import DECODERS, WRITERS, decoder_options, writer_options
 
 
 def _model(spec: str, preset: str, size: int | None):
@@ -56,8 +56,9 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--e2e", is_flag=True, help="SegNet2 only: boxseg-propose's whole pipeline against the model alone, "
               "in (image, class) pairs/s, on --voc-root's train split (default: the synthetic world).")
 @click.option("--voc-root", type=click.Path(path_type=Path), help="Images for --e2e.")
-@click.option("--writers", "writer_kind", type=click.Choice(["auto", "threads", "processes"]), default="auto",
-              show_default=True, help="--e2e: boxseg-propose's PNG writers (auto: processes on CUDA, threads on CPU).")
+@click.option("--writers", "writer_kind", type=click.Choice(WRITERS), default="auto",
+              show_default=True, help="--e2e: boxseg-propose's PNG writers (auto: processes on CUDA, threads on CPU; "
+                                      "forkserver: processes forked from a small server process instead of this one).")
 @click.option("--decoders", "decoder_kind", type=click.Choice(DECODERS),
               default="auto", show_default=True,
               help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU; forkserver: "
@@ -116,9 +117,8 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
                 rows = bench_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
                                  log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
                                  compile_mode=compile_mode,
-                                 writer_processes={"auto": None, "threads": False, "processes": True}[writer_kind],
                                  e2e_runs=e2e_runs, streams=streams, device_jpeg=decode_on_device,
-                                 **decoder_options(decoder_kind))
+                                 **decoder_options(decoder_kind), **writer_options(writer_kind))
         except StreamsRefused as e:  # (each backend's Predictor checked as it is made, before it is timed)
             raise click.BadParameter(str(e), param_hint="--streams") from None
     else:

@@ -19,7 +19,7 @@ from boxseg.errors import BadInputLog, DataError, NoSpace
 from boxseg.predict import BACKENDS, default_precision
 from boxseg.propose import merge_manifest
 from boxseg.threads import configure_threads
-from boxseg.workers import DECODERS, decoder_options
+from boxseg.workers import DECODERS, WRITERS, decoder_options, writer_options
 from boxseg.versions import library_versions
 
 METHODS = ("learned", "box", "box-centre", "grabcut")
@@ -85,6 +85,9 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               show_default=True,
               help="What --workers are: auto (processes on CUDA, threads on CPU), threads, DataLoader processes "
                    "forked from this process, or forked from a small forkserver process instead.")
+@click.option("--writers", type=click.Choice(WRITERS), default="auto", show_default=True,
+              help="What writes the PNGs: auto (processes on CUDA, threads on CPU), threads, processes forked from "
+                   "this process, or forked from a small forkserver process instead.")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
               help="Batches in the model at once, each in its own thread with a share of --threads (default: 2 on "
                    "CPU with the torch or onnxruntime backend, else 1; more only with those).")
@@ -115,7 +118,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
               help="Replace the proposals already in --out (a folder made with other settings is refused without it).")
 @threads_option
 def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_images, out_dir, batch, precision, device,
-         workers, decoders, streams, decode_on_device, instances, threshold, margin, class_margin, merge, crf,
+         workers, decoders, writers, streams, decode_on_device, instances, threshold, margin, class_margin, merge, crf,
          box_centre_fraction, skip_bad, backend, overwrite, threads) -> None:
     """Turn boxes into pixel-level proposals: one VOC-palette PNG per image (255 = uncertain).
     A rerun completes only the images whose PNG is missing."""
@@ -155,7 +158,7 @@ def main(model_path, segnet1_path, method, voc_root, split, coco_ann, coco_image
                    # recorded when set, so folders made before the option still match)
                    **({"jpeg_decoder": "device"} if decode_on_device and not crf else {}))
             info, run = _learned(model_path, segnet1_path, target, out_dir, cfg, dev, precision, workers, instances,
-                                 skip_bad, log, (rank, world), backend, decoders, streams, decode_on_device)
+                                 skip_bad, log, (rank, world), backend, decoders, streams, decode_on_device, writers)
         else:
             if instances:
                 raise click.UsageError("--instances is for --method learned")
@@ -223,7 +226,7 @@ def _claim(out_dir: Path, overwrite: bool, **signature) -> None:
 
 
 def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precision, workers, instances, skip_bad,
-             log, shard, backend=None, decoders="auto", streams=None, decode_on_device=False):
+             log, shard, backend=None, decoders="auto", streams=None, decode_on_device=False, writers="auto"):
     from boxseg.export.artifacts import open_predictor
     from boxseg.propose import StreamsRefused, check_streams, propose
 
@@ -246,7 +249,8 @@ def _learned(model_path, segnet1_path, target: Target, out_dir, cfg, dev, precis
         raise click.BadParameter(str(e), param_hint="--streams") from None
     run = propose(segnet2, segnet1, target.images, out_dir, segnet2.meta["input_size"], cfg, dev, precision,
                   workers, instances, skip_bad, log, shard, progress=sys.stderr.isatty(),
-                  streams=streams, device_jpeg=decode_on_device, **decoder_options(decoders))
+                  streams=streams, device_jpeg=decode_on_device, **decoder_options(decoders),
+                  **writer_options(writers))
     info = {"model": str(model_path), "model_meta": segnet2.meta, "predictor": segnet2.describe(),
             "segnet1": str(segnet1_path) if segnet1_path else None}
     return info, run.to_dict()
