@@ -26,10 +26,14 @@ The pipeline is a chain of stages with bounded queues:
             connected CRF refines each image's probabilities inside its boxes first;
   download  one device-to-host copy per batch of all its finished images' uint8 outputs;
   write     writers encode the PNGs and write them atomically: threads on CPU (Pillow
-            releases the GIL while encoding); on CUDA forked processes, each fed by a thread
+            releases the GIL while encoding); on CUDA forked processes (or, with
+            `writer_start="forkserver"`, forked from the forkserver), each fed by a thread
             that waits without the GIL, since the writers' Python work held up the main
             loop's kernel launches; at most `2 x writers` batches wait for them, so memory
             stays bounded whatever the set size.
+Helper processes end with the command, a kill included (`boxseg.workers`). `ProposalRun`
+also gives the fixed costs at both ends: `start` (starting helper processes), `fill` (the
+start to the first batch in the model) and `drain` (the last batch in the model to the end).
 On CUDA every device stage is queued asynchronously, so the host work of batch n (writing)
 overlaps the device work of batch n+1. `ProposalRun.timing` says where the wall time went.
 An image whose PNG exists is not computed again, so a rerun completes only what is missing.

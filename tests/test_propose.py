@@ -483,6 +483,24 @@ def test_decode_threads_processes_and_main_thread_write_the_same_bytes(world_cop
         assert log.skipped[0]["path"] == str(bad) and "cannot decode image" in log.skipped[0]["problem"]
 
 
+def _propose_script(arguments: str) -> str:
+    """A Python script that runs `propose` on the CPU: argv the checkpoint, the VOC root and
+    the output folder; `arguments` follow the precision (workers first). Prints the count
+    written."""
+    return ("import sys, torch\n"
+            "from pathlib import Path\n"
+            "from boxseg.config import ProposalConfig\n"
+            "from boxseg.data.images import ImageSet\n"
+            "from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset\n"
+            "from boxseg.predict import load_predictor\n"
+            "from boxseg.propose import propose\n"
+            "pred = load_predictor(Path(sys.argv[1]), torch.device('cpu'), 'fp32')\n"
+            "images = ImageSet(VOCDataset(sys.argv[2], 'train'), NUM_VOC_CLASSES)\n"
+            "run = propose(pred, None, images, Path(sys.argv[3]), pred.meta['input_size'], ProposalConfig(batch=4),\n"
+            f"              torch.device('cpu'), 'fp32', {arguments})\n"
+            "print('written', run.written)\n")
+
+
 def _left_behind(mark: str, wait: float = 20.0) -> list[str]:
     """Command lines of the processes whose environment holds BOXSEG_TEST_MARK=`mark` (a
     command run by a test and everything it started), once they have had `wait` s to end."""
@@ -505,19 +523,8 @@ def test_a_killed_command_leaves_no_forkserver_decoders_behind(world, tmp_path):
     """Decoder processes forked by a forkserver end with the command: a SIGKILL of the
     command left the server and its workers waiting for each other (~180 MB each)."""
     ckpt = _save(tmp_path / "s2.pt", segnet2_meta(S2, 4))
-    script = (
-        "import sys, torch\n"
-        "from pathlib import Path\n"
-        "from boxseg.config import ProposalConfig\n"
-        "from boxseg.data.images import ImageSet\n"
-        "from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset\n"
-        "from boxseg.predict import load_predictor\n"
-        "from boxseg.propose import propose\n"
-        "pred = load_predictor(Path(sys.argv[1]), torch.device('cpu'), 'fp32')\n"
-        "images = ImageSet(VOCDataset(sys.argv[2], 'train'), NUM_VOC_CLASSES)\n"
-        "propose(pred, None, images, Path(sys.argv[3]), pred.meta['input_size'], ProposalConfig(batch=4),\n"
-        "        torch.device('cpu'), 'fp32', 2, chunk=2, decode_processes=True, decode_start='forkserver',\n"
-        "        writer_processes=True, writer_start='forkserver', writers=2)\n")
+    script = _propose_script("2, chunk=2, decode_processes=True, decode_start='forkserver', writer_processes=True, "
+                             "writer_start='forkserver', writers=2")
     mark = f"{os.getpid()}-{time.time_ns()}"
     env = {**os.environ, "BOXSEG_FAILPOINT": "propose.batch@3", "BOXSEG_TEST_MARK": mark}
     with open(tmp_path / "log", "w") as log:  # (a file, not a pipe: the survivors would hold a pipe open)
@@ -536,19 +543,7 @@ def test_a_kill_inside_a_writer_process_kills_the_command_and_the_rerun_complete
     images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
     meta = segnet2_meta(S2, 4)
     ckpt = _save(tmp_path / "s2.pt", meta)
-    script = (
-        "import sys, torch\n"
-        "from pathlib import Path\n"
-        "from boxseg.config import ProposalConfig\n"
-        "from boxseg.data.images import ImageSet\n"
-        "from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset\n"
-        "from boxseg.predict import load_predictor\n"
-        "from boxseg.propose import propose\n"
-        "pred = load_predictor(Path(sys.argv[1]), torch.device('cpu'), 'fp32')\n"
-        "images = ImageSet(VOCDataset(sys.argv[2], 'train'), NUM_VOC_CLASSES)\n"
-        "run = propose(pred, None, images, Path(sys.argv[3]), pred.meta['input_size'], ProposalConfig(batch=4),\n"
-        f"              torch.device('cpu'), 'fp32', 0, writer_processes=True, writers=2, writer_start={start!r})\n"
-        "print('written', run.written)\n")
+    script = _propose_script(f"0, writer_processes=True, writers=2, writer_start={start!r}")
     mark = f"{os.getpid()}-{time.time_ns()}"
     env = {**os.environ, "BOXSEG_FAILPOINT": f"write:{images.id(9)}.png@1", "BOXSEG_TEST_MARK": mark}
     out, ref = tmp_path / "out", tmp_path / "ref"
