@@ -278,7 +278,7 @@ def rows_to_dicts(rows: list[BenchRow]) -> list[dict]:
 
 
 def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions: list[str], batches: list[int],
-              device: torch.device, workers: int, warmup: int, iters: int, log=print,
+              device: torch.device, workers: int | None, warmup: int, iters: int, log=print,
               backends: tuple[str, ...] = ("torch",), compile_mode: str | None = "auto",
               writer_processes: bool | None = None, decode_processes: bool | None = None,
               e2e_runs: int = 3, decode_start: str = "fork", streams: int | None = None,
@@ -354,7 +354,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                                 f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {r.seconds:.2f} s: "
                                 f"{stages}; device busy {100 * r.timing['device_busy']:.0f}%; "
                                 f"fill {r.fill:.2f} s (starting processes {r.start:.2f} s), drain {r.drain:.2f} s; "
-                                f"decoders: {r.decoders}; "
+                                f"decoders: {r.decoders} ({r.decode_workers}); "
                                 f"writers: {r.writers}; model streams: {r.streams}; JPEGs decoded by: {r.jpeg_decoder}"
                                 f"{f' ({r.jpeg_fallbacks} on the CPU)' if r.jpeg_fallbacks else ''}; "
                                 f"median_ms = wall time per batch")

@@ -69,7 +69,7 @@ from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint, kill_parent_too
 from boxseg.threads import available_cpus
-from boxseg.workers import background_worker, before_fork, foreground_worker, lower_priority
+from boxseg.workers import auto_decoders, background_worker, before_fork, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
 from boxseg.predict.image import (decode_jpegs, letterbox, letterbox_params, letterbox_tensor, normalize_table,
                                   segnet2_inputs, unletterbox)
@@ -301,6 +301,7 @@ class ProposalRun:
     timing: dict = field(default_factory=dict)            # seconds per stage (STAGES), device_busy
     writers: str = ""                                     # "threads", "processes[ (forkserver)]"
     decoders: str = ""                                    # "threads", "processes[ (forkserver)]", "main thread"
+    decode_workers: int = 0                               # how many
     streams: int = 1                                      # batches in the model at once (CPU: threads)
     jpeg_decoder: str = "cpu"                             # or "nvJPEG": JPEGs decoded on the device
     jpeg_fallbacks: int = 0                               # JPEGs the device decoder refused: decoded on the CPU
@@ -316,7 +317,7 @@ class ProposalRun:
         d = {"written": self.written, "skipped_existing": self.skipped_existing, "pairs": self.pairs,
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
              "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
-             "decoders": self.decoders, "streams": self.streams, "jpeg_decoder": self.jpeg_decoder,
+             "decoders": self.decoders, "decode_workers": self.decode_workers, "streams": self.streams, "jpeg_decoder": self.jpeg_decoder,
              "jpeg_fallbacks": self.jpeg_fallbacks,
              "start": round(self.start, 4), "fill": round(self.fill, 4), "drain": round(self.drain, 4)}
         if self.seconds > 0:
@@ -346,7 +347,7 @@ class _Image:
 
 @torch.no_grad()
 def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: ProposalConfig,
-            device: torch.device, precision: str = "fp32", workers: int = 0, instances: bool = False,
+            device: torch.device, precision: str = "fp32", workers: int | None = 0, instances: bool = False,
             skip_bad: bool = False, log: BadInputLog | None = None, shard: tuple[int, int] = (0, 1),
             progress: bool = False, writers: int | None = None, chunk: int = 16,
             writer_processes: bool | None = None, decode_processes: bool | None = None,
@@ -363,7 +364,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     `writer_start` "forkserver" forks them from the forkserver (`_forkserver`) instead of
     this process, as `decode_start` does for the decoders.
     `workers` decode: DataLoader processes with `decode_processes` (default: on CUDA), else
-    threads (`_decode_in_threads`); 0 decodes in the main thread. `decode_start` starts the
+    threads (`_decode_in_threads`); 0 decodes in the main thread; None: `auto_decoders` (1
+    thread on CPU, half the CPUs as processes on CUDA). `decode_start` starts the
     processes by "fork" (of this process) or "forkserver" (`_forkserver`: forked from a small
     server process, so this one, with its CUDA context and heap, is neither copied nor left
     with copy-on-write faults; the dataset is pickled to each worker instead). `streams`
@@ -393,6 +395,9 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         decode_jpegs([], device)  # torchvision is there, or TorchvisionMissing now rather than mid-run
     run.jpeg_decoder = ("nvJPEG" if cuda else f"torchvision on {device.type}") if device_jpeg else "cpu"
     decoded = _Decoded(images, todo, size, keep_image=cfg.crf, device_jpeg=device_jpeg)
+    if workers is None:
+        workers = auto_decoders(cuda if decode_processes is None else decode_processes)
+    run.decode_workers = workers
     if workers == 0:
         run.decoders = "main thread"
     else:
@@ -896,7 +901,8 @@ def merge_manifest(out_dir: Path, parts: list[dict], head: dict) -> dict:
               "start": max(r.get("start", 0.0) for r in runs), "fill": max(r.get("fill", 0.0) for r in runs),
               "drain": max(r.get("drain", 0.0) for r in runs),
               # how the run decoded, ran the model and wrote (every rank alike)
-              "decoders": runs[0].get("decoders"), "streams": runs[0].get("streams"),
+              "decoders": runs[0].get("decoders"), "decode_workers": runs[0].get("decode_workers"),
+              "streams": runs[0].get("streams"),
               "jpeg_decoder": runs[0].get("jpeg_decoder"),
               "writers": runs[0].get("writers")}
     if secs > 0:

@@ -63,7 +63,9 @@ def _model(spec: str, preset: str, size: int | None):
               default="auto", show_default=True,
               help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU; forkserver: "
                    "processes forked from a small server process instead of this one).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Decode workers for --e2e.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decode workers for --e2e (default as boxseg-propose's: 1 thread on CPU, half the CPUs, 2 to 8, "
+                   "as processes on CUDA).")
 @click.option("--decode-on-device", is_flag=True,
               help="--e2e: boxseg-propose --decode-on-device (JPEGs decoded by torchvision on the device: nvJPEG).")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
