@@ -364,8 +364,8 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     `writer_start` "forkserver" forks them from the forkserver (`_forkserver`) instead of
     this process, as `decode_start` does for the decoders.
     `workers` decode: DataLoader processes with `decode_processes` (default: on CUDA), else
-    threads (`_decode_in_threads`); 0 decodes in the main thread; None: `auto_decoders` (1
-    thread on CPU, half the CPUs as processes on CUDA). `decode_start` starts the
+    threads (`_decode_in_threads`); 0 decodes in the main thread; None: `auto_decoders` (2
+    threads on CPU, half the CPUs as processes on CUDA). `decode_start` starts the
     processes by "fork" (of this process) or "forkserver" (`_forkserver`: forked from a small
     server process, so this one, with its CUDA context and heap, is neither copied nor left
     with copy-on-write faults; the dataset is pickled to each worker instead). `streams`

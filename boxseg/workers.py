@@ -85,15 +85,15 @@ def background_worker(_: int, command: int | None = None) -> None:
 
 
 def auto_decoders(processes: bool) -> int:
-    """boxseg-propose's decoders when --workers is not given. Threads (on CPU): one, beside
-    the model streams. Decoding is a small share there (0.07 CPU-s of a 0.44 s run on the
-    2-core machine) and its Python holds the GIL, so a second thread mostly waited for it:
-    paired A/Bs of 30 and 40 runs, 1 against 2 threads, -5 and -7 ms a run (~1.5%), less
-    CPU time. Processes (on CUDA): half the CPUs, 2 to 8. At the H200 target (1,750 images/s)
-    decoding medium images letterboxed to 512 needs ~3 cores (1.3 ms an image, measured on
-    the 2-core machine); the GPU check names its own count (12 of 16)."""
+    """boxseg-propose's decoders when --workers is not given. Threads (on CPU): 2, as before
+    (on the 2-core machine 1 thread was no better: in-process paired A/Bs gave -5 and -7 ms
+    a run of ~0.44 s, but `boxseg-bench --e2e` in alternation, 4 runs each, 59, 59, 60, 56%
+    with 2 against 57, 58, 57, 59% with 1). Processes (on CUDA): half the CPUs, 2 to 8 (the
+    old default of 2 could not feed the H200 target of ~1,750 images/s: decoding medium
+    images letterboxed to 512 takes ~1.3 ms an image, measured on the 2-core machine, so ~3
+    cores; not measured on a GPU; the GPU check names its own count, 12 of 16)."""
     if not processes:
-        return 1
+        return 2
     from boxseg.threads import available_cpus
 
     return min(8, max(2, available_cpus() // 2))

@@ -447,19 +447,19 @@ def test_writer_processes_write_the_bytes_of_writer_threads(world, tmp_path):
 
 
 def test_decoders_by_default(world, tmp_path, monkeypatch):
-    """Without a worker count: one decode thread on CPU (beside the model streams); as
-    processes (CUDA's default), half the CPUs, 2 to 8. Recorded in the manifest's run."""
+    """Without a worker count: two decode threads on CPU; as processes (CUDA's default),
+    half the CPUs, 2 to 8. Recorded in the manifest's run."""
     from boxseg import threads, workers
 
     model = _model(segnet2_meta(S2, 4), 0)
     images = ImageSet(VOCDataset(world.voc_root, "train"), NUM_VOC_CLASSES)
     run = propose(model, None, images, tmp_path / "auto", S2.input_size, ProposalConfig(batch=8),
                   torch.device("cpu"), "fp32", None)
-    assert run.written == len(images) and (run.decoders, run.decode_workers) == ("threads", 1)
-    assert run.to_dict()["decode_workers"] == 1
+    assert run.written == len(images) and (run.decoders, run.decode_workers) == ("threads", 2)
+    assert run.to_dict()["decode_workers"] == 2
     for cpus, want in ((1, 2), (2, 2), (6, 3), (16, 8), (64, 8)):
         monkeypatch.setattr(threads, "available_cpus", lambda cpus=cpus: cpus)
-        assert workers.auto_decoders(processes=True) == want and workers.auto_decoders(processes=False) == 1
+        assert workers.auto_decoders(processes=True) == want and workers.auto_decoders(processes=False) == 2
 
 
 def test_decode_threads_processes_and_main_thread_write_the_same_bytes(world_copy, tmp_path):

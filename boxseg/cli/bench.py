@@ -64,7 +64,7 @@ def _model(spec: str, preset: str, size: int | None):
               help="--e2e: boxseg-propose's image decoders (auto: processes on CUDA, threads on CPU; forkserver: "
                    "processes forked from a small server process instead of this one).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decode workers for --e2e (default as boxseg-propose's: 1 thread on CPU, half the CPUs, 2 to 8, "
+              help="Decode workers for --e2e (default as boxseg-propose's: 2 threads on CPU, half the CPUs, 2 to 8, "
                    "as processes on CUDA).")
 @click.option("--decode-on-device", is_flag=True,
               help="--e2e: boxseg-propose --decode-on-device (JPEGs decoded by torchvision on the device: nvJPEG).")

@@ -81,7 +81,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Image decoders: threads on CPU, DataLoader processes on CUDA; 0 decodes in the main loop. "
-                   "Default: 1 thread on CPU, half the CPUs (2 to 8) as processes on CUDA.")
+                   "Default: 2 threads on CPU, half the CPUs (2 to 8) as processes on CUDA.")
 @click.option("--decoders", type=click.Choice(DECODERS), default="auto",
               show_default=True,
               help="What --workers are: auto (processes on CUDA, threads on CPU), threads, DataLoader processes "
