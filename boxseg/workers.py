@@ -73,10 +73,16 @@ def die_with(pid: int) -> None:
 
 def foreground_worker(_: int, command: int | None = None) -> None:
     """A worker's set-up: it ends with its parent, and with `command` (a pid) where that is
-    not its parent (a worker forked by a forkserver)."""
+    not its parent (a worker forked by a forkserver). A worker forked from the command has
+    the command's OpenCV setting (`boxseg.threads.one_opencv_thread`); one forked by the
+    forkserver sets it here, which is safe there: the server only imports and forks, so it
+    has no OpenCV threads for the call to wait on."""
     die_with_parent()
     if command is not None and command != os.getppid():
         die_with(command)
+        from boxseg.threads import one_opencv_thread
+
+        one_opencv_thread()
 
 
 def background_worker(_: int, command: int | None = None) -> None:

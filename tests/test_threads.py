@@ -162,3 +162,19 @@ def test_commands_run_opencv_on_one_thread_and_forked_workers_do_not_hang(init):
     finally:
         cv2.setNumThreads(before)
         torch.set_num_threads(torch_threads)
+
+
+def test_forkserver_workers_run_opencv_on_one_thread():
+    """A worker forked by the forkserver (boxseg-propose --decoders/--writers forkserver) is not
+    a copy of the command, so it sets OpenCV's one thread itself."""
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    from boxseg import workers
+    from boxseg.propose import _forkserver
+
+    loader = DataLoader(list(range(2)), batch_size=1, num_workers=1, collate_fn=_opencv_work, timeout=120,
+                        worker_init_fn=functools.partial(workers.foreground_worker, command=os.getpid()),
+                        multiprocessing_context=_forkserver())
+    assert list(loader) == [1, 1]
