@@ -317,7 +317,8 @@ class ProposalRun:
         d = {"written": self.written, "skipped_existing": self.skipped_existing, "pairs": self.pairs,
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
              "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
-             "decoders": self.decoders, "decode_workers": self.decode_workers, "streams": self.streams, "jpeg_decoder": self.jpeg_decoder,
+             "decoders": self.decoders, "decode_workers": self.decode_workers, "streams": self.streams,
+             "jpeg_decoder": self.jpeg_decoder,
              "jpeg_fallbacks": self.jpeg_fallbacks,
              "start": round(self.start, 4), "fill": round(self.fill, 4), "drain": round(self.drain, 4)}
         if self.seconds > 0:
