@@ -68,8 +68,7 @@ from boxseg.data.images import ImageSet
 from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import BadInputLog, DataError
 from boxseg.faults import failpoint, kill_parent_too
-from boxseg.threads import available_cpus
-from boxseg.workers import auto_decoders, background_worker, before_fork, foreground_worker, lower_priority
+from boxseg.workers import background_worker, before_fork, default_helpers, foreground_worker, lower_priority
 from boxseg.predict import as_predictor
 from boxseg.predict.image import (decode_jpegs, letterbox, letterbox_params, letterbox_tensor, normalize_table,
                                   segnet2_inputs, unletterbox)
@@ -365,7 +364,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     `writer_start` "forkserver" forks them from the forkserver (`_forkserver`) instead of
     this process, as `decode_start` does for the decoders.
     `workers` decode: DataLoader processes with `decode_processes` (default: on CUDA), else
-    threads (`_decode_in_threads`); 0 decodes in the main thread; None: `auto_decoders` (2
+    threads (`_decode_in_threads`); 0 decodes in the main thread; None: `default_helpers` (2
     threads on CPU, half the CPUs as processes on CUDA). `decode_start` starts the
     processes by "fork" (of this process) or "forkserver" (`_forkserver`: forked from a small
     server process, so this one, with its CUDA context and heap, is neither copied nor left
@@ -390,14 +389,14 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     run = ProposalRun(skipped_existing=len(mine) - len(todo))
     cuda = device.type == "cuda"
     if writers is None:
-        writers = min(8, max(2, available_cpus() // 2)) if cuda else 2
+        writers = default_helpers(cuda)
     device_jpeg = device_jpeg and not cfg.crf
     if device_jpeg:
         decode_jpegs([], device)  # torchvision is there, or TorchvisionMissing now rather than mid-run
     run.jpeg_decoder = ("nvJPEG" if cuda else f"torchvision on {device.type}") if device_jpeg else "cpu"
     decoded = _Decoded(images, todo, size, keep_image=cfg.crf, device_jpeg=device_jpeg)
     if workers is None:
-        workers = auto_decoders(cuda if decode_processes is None else decode_processes)
+        workers = default_helpers(cuda if decode_processes is None else decode_processes)
     run.decode_workers = workers
     if workers == 0:
         run.decoders = "main thread"

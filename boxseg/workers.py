@@ -10,6 +10,8 @@ import signal
 import threading
 import time
 
+from boxseg import threads
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -80,9 +82,7 @@ def foreground_worker(_: int, command: int | None = None) -> None:
     die_with_parent()
     if command is not None and command != os.getppid():
         die_with(command)
-        from boxseg.threads import one_opencv_thread
-
-        one_opencv_thread()
+        threads.one_opencv_thread()
 
 
 def background_worker(_: int, command: int | None = None) -> None:
@@ -90,8 +90,9 @@ def background_worker(_: int, command: int | None = None) -> None:
     lower_priority()
 
 
-def auto_decoders(processes: bool) -> int:
-    """boxseg-propose's decoders when --workers is not given. Threads (on CPU): 2, as before
+def default_helpers(processes: bool) -> int:
+    """boxseg-propose's decoders when --workers is not given, and its PNG writers. Threads
+    (on CPU): 2. For the decoders, as before
     (on the 2-core machine 1 thread was no better: in-process paired A/Bs gave -5 and -7 ms
     a run of ~0.44 s, but `boxseg-bench --e2e` in alternation, 4 runs each, 59, 59, 60, 56%
     with 2 against 57, 58, 57, 59% with 1). Processes (on CUDA): half the CPUs, 2 to 8 (the
@@ -100,34 +101,27 @@ def auto_decoders(processes: bool) -> int:
     cores; not measured on a GPU; the GPU check names its own count, 12 of 16)."""
     if not processes:
         return 2
-    from boxseg.threads import available_cpus
-
-    return min(8, max(2, available_cpus() // 2))
+    return min(8, max(2, threads.available_cpus() // 2))
 
 
-# boxseg-propose's and boxseg-bench's --decoders: what its decode --workers are
-DECODERS = ("auto", "threads", "processes", "forkserver")
+# boxseg-propose's and boxseg-bench's --decoders and --writers: what its decode --workers and
+# its PNG writers are: auto (processes on CUDA, threads on CPU), threads, processes forked from
+# this process, or forked from a forkserver
+DECODERS = WRITERS = ("auto", "threads", "processes", "forkserver")
+
+
+def _helper_options(kind: str, role: str, prefix: str) -> dict:
+    if kind not in DECODERS:
+        raise ValueError(f"{role} must be one of {', '.join(DECODERS)}, not {kind!r}")
+    return {f"{prefix}_processes": None if kind == "auto" else kind != "threads",
+            f"{prefix}_start": "forkserver" if kind == "forkserver" else "fork"}
 
 
 def decoder_options(kind: str) -> dict:
-    """`boxseg.propose.propose`'s decoder arguments for a `--decoders` choice (DECODERS):
-    auto (processes on CUDA, threads on CPU), threads, DataLoader processes forked from this
-    process, or forked from a forkserver."""
-    if kind not in DECODERS:
-        raise ValueError(f"decoders must be one of {', '.join(DECODERS)}, not {kind!r}")
-    return {"decode_processes": None if kind == "auto" else kind != "threads",
-            "decode_start": "forkserver" if kind == "forkserver" else "fork"}
-
-
-# boxseg-propose's and boxseg-bench's --writers: what its PNG writers are
-WRITERS = ("auto", "threads", "processes", "forkserver")
+    """`boxseg.propose.propose`'s decoder arguments for a `--decoders` choice (DECODERS)."""
+    return _helper_options(kind, "decoders", "decode")
 
 
 def writer_options(kind: str) -> dict:
-    """`boxseg.propose.propose`'s writer arguments for a `--writers` choice (WRITERS): auto
-    (processes on CUDA, threads on CPU), threads, processes forked from this process, or
-    forked from a forkserver."""
-    if kind not in WRITERS:
-        raise ValueError(f"writers must be one of {', '.join(WRITERS)}, not {kind!r}")
-    return {"writer_processes": None if kind == "auto" else kind != "threads",
-            "writer_start": "forkserver" if kind == "forkserver" else "fork"}
+    """`boxseg.propose.propose`'s writer arguments for a `--writers` choice (WRITERS)."""
+    return _helper_options(kind, "writers", "writer")

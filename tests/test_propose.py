@@ -459,7 +459,7 @@ def test_decoders_by_default(world, tmp_path, monkeypatch):
     assert run.to_dict()["decode_workers"] == 2
     for cpus, want in ((1, 2), (2, 2), (6, 3), (16, 8), (64, 8)):
         monkeypatch.setattr(threads, "available_cpus", lambda cpus=cpus: cpus)
-        assert workers.auto_decoders(processes=True) == want and workers.auto_decoders(processes=False) == 2
+        assert workers.default_helpers(processes=True) == want and workers.default_helpers(processes=False) == 2
 
 
 def test_decode_threads_processes_and_main_thread_write_the_same_bytes(world_copy, tmp_path):

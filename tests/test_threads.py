@@ -127,7 +127,6 @@ def test_every_command_resolves_mkl_vector_maths_before_threads_race_for_it():
     assert max(errors) < 1e-6, errors
 
 
-
 def _opencv_work(_):
     import cv2
     import numpy as np
