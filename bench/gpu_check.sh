@@ -13,15 +13,17 @@
 #                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor, writer processes
 #   e2e_cudagraph   the same with the cudagraph Predictor (the eager network replayed as one CUDA graph
 #                   a batch: the model stage without its ~300 launches a batch)
+#   e2e_forkserver  cudagraph with decoder and writer processes forked from a forkserver, not from
+#                   the CUDA process (their start-up, and its copy-on-write faults, are what differ)
+#   e2e_decode_threads  cudagraph with decode threads instead of DataLoader processes (on the 2-core
+#                   CPU threads won: no copy-on-write faults after forking; on CUDA the GIL may decide)
+#                   (these two, ~20-30 s each, before the compile step, whose compile may take minutes:
+#                   with it first they would not have fitted the first call's budget)
 #   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   tests           pytest -m gpu without the compile and aoti cases: propose on CUDA against CPU fp32,
 #                   cudagraph against eager, decode threads / processes / forkserver and nvJPEG on CUDA,
 #                   fp16 against fp32 labels for the other backends (the CUDA paths CPU cannot test)
 #   profile         the same pipeline under torch.profiler on 300 images: top ops by host and device time
-#   e2e_decode_threads  cudagraph with decode threads instead of DataLoader processes (on the 2-core
-#                   CPU threads won: no copy-on-write faults after forking; on CUDA the GIL may decide)
-#   e2e_forkserver  cudagraph with decoder and writer processes forked from a forkserver, not from
-#                   the CUDA process (their start-up, and its copy-on-write faults, are what differ)
 #   e2e_nvjpeg      cudagraph with the JPEGs decoded and letterboxed on the GPU (nvJPEG through
 #                   torchvision.io.decode_jpeg; the image has torchvision 0.26): used by default only if faster
 #   e2e_threads     the same with writer threads (the GIL hypothesis: bench/results/gpu_h200_20261127_b)
@@ -77,12 +79,12 @@ step data 45 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-tr
 E="--model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10"
 step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
 step e2e_cudagraph 90 $B $E --backends cudagraph --tag segnet2_512_e2e_cudagraph
+step e2e_forkserver 60 $B $E --backends cudagraph --decoders forkserver --writers forkserver --tag segnet2_512_e2e_cudagraph_forkserver
+step e2e_decode_threads 60 $B $E --backends cudagraph --decoders threads --tag segnet2_512_e2e_cudagraph_decode_threads
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
 GT="-m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -rs --durations=0"
 step tests 120 $PY $GT -k "not compile and not aoti"
 step profile 60 $PY bench/profile_e2e.py /tmp/medium/voc/VOC2012 --limit 300 --out $R
-step e2e_decode_threads 60 $B $E --backends cudagraph --decoders threads --tag segnet2_512_e2e_cudagraph_decode_threads
-step e2e_forkserver 60 $B $E --backends cudagraph --decoders forkserver --writers forkserver --tag segnet2_512_e2e_cudagraph_forkserver
 step e2e_nvjpeg 60 $B $E --backends cudagraph --decode-on-device --tag segnet2_512_e2e_cudagraph_nvjpeg
 step e2e_threads 60 $B $E --backends torch --writers threads --tag segnet2_512_e2e_threads
 H="--model segnet1 --preset paper --size 321 --batch 64 --precision fp16 --warmup 5 --iters 30"
