@@ -293,7 +293,11 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
     to 1,370 pairs/s within a minute), so a ratio of two moments measures the drift as much
     as the pipeline. The model-only row is the median over all its timings; the e2e row is
     the run with the median ratio, and its note gives every run's pair, the ratios and
-    that run's stage breakdown."""
+    that run's stage breakdown. Every run writes into a folder of its own, all removed
+    together at the end: deleting a run's files just before the next run made that run's file
+    creation slower on a filesystem that avoids reusing just-freed inodes (ext4 without a
+    journal, as on the 2-core machine of the README's CPU figures: ~2% of the run's wall time), a cost of the benchmark's own
+    deletions that a user's run does not pay."""
     from boxseg.config import ProposalConfig
     from boxseg.propose import StreamsRefused, check_streams, propose
 
@@ -327,11 +331,11 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                         if rep:
                             lat = time_fn(lambda: pred(x), device, min(warmup, 1), iters)
                             lats += lat
-                        with tempfile.TemporaryDirectory() as out:
-                            run = propose(pred, None, images, Path(out), meta["input_size"], ProposalConfig(batch=b),
-                                          device, precision, workers, writer_processes=writer_processes,
-                                          decode_processes=decode_processes, decode_start=decode_start,
-                                          streams=streams, device_jpeg=device_jpeg, writer_start=writer_start)
+                        out = Path(tempfile.mkdtemp(prefix="e2e-", dir=work))  # removed with `work`, at the end
+                        run = propose(pred, None, images, out, meta["input_size"], ProposalConfig(batch=b),
+                                      device, precision, workers, writer_processes=writer_processes,
+                                      decode_processes=decode_processes, decode_start=decode_start,
+                                      streams=streams, device_jpeg=device_jpeg, writer_start=writer_start)
                         if rep:
                             timed.append((run, b / (statistics.median(lat) / 1000)))
                     med = statistics.median(lats)
