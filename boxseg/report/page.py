@@ -137,7 +137,7 @@ def build_report(run_dir: Path, out_dir: Path, voc_root: Path, n_images: int = 8
             for r in rounds:
                 p = run_dir / "proposals" / f"target_r{r}" / f"{item.id}.png"
                 pics.append(gallery.label_picture(read_label(p, NUM_VOC_CLASSES, item.image.shape[:2])))
-            pred = segnet1_probs(segnet1, [item.image], meta1["input_size"], device)[0].argmax(0).cpu().numpy()
+            pred = segnet1_probs(segnet1, [item.image], meta1["input_size"], device)[0].max(0).indices.cpu().numpy()
             pics.append(gallery.label_picture(pred.astype(np.uint8)))
             pics.append(gallery.label_picture(item.mask))
             cells = []

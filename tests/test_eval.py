@@ -1,0 +1,62 @@
+"""evaluate_segnet1 (boxseg-eval, the training rounds' scores) against the plain reference:
+each image's probabilities by `segnet1_probs`, labels by argmax, one confusion update an
+image. The confusion matrices and the saved label PNGs must be identical whatever the batch,
+with scales and flip too. The trained tiny SegNet1 of tests/fixtures: a random network
+leaves too many pixels at a near-tie to say anything about labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boxseg.data.files import read_label
+from boxseg.data.images import ImageSet
+from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+from boxseg.inference import evaluate_segnet1, segnet1_probs
+from boxseg.metrics import ConfusionMatrix
+from boxseg.predict import load_predictor
+
+MODEL = Path(__file__).parent / "fixtures" / "tiny_segnet1.pt"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(world):
+    pred = load_predictor(MODEL, CPU, "fp32")
+    images = ImageSet(VOCDataset(world.voc_root, "val"), NUM_VOC_CLASSES)
+    return pred, images
+
+
+def _reference(pred, images, scales=(1.0,), flip=False):
+    conf, labels = ConfusionMatrix(images.num_classes), {}
+    for i in range(len(images)):
+        item = images[i]
+        (p,) = segnet1_probs(pred, [item.image], pred.meta["input_size"], CPU, scales, flip)
+        labels[item.id] = p.argmax(0).numpy().astype(np.uint8)
+        conf.update(torch.from_numpy(labels[item.id]).long(), torch.from_numpy(item.mask))
+    return conf, labels
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_eval_equals_the_image_by_image_reference(setup, tmp_path, batch):
+    pred, images = setup
+    ref, labels = _reference(pred, images)
+    assert 0.3 < ref.scores().miou < 1  # a trained network: the labels say something
+    conf = ConfusionMatrix(images.num_classes)
+    scores = evaluate_segnet1(pred, images, pred.meta["input_size"], CPU, batch, conf=conf, save_dir=tmp_path)
+    assert torch.equal(conf.mat, ref.mat)
+    assert scores.miou == ref.scores().miou
+    assert sorted(p.stem for p in tmp_path.glob("*.png")) == sorted(labels)
+    for sample_id, lab in labels.items():
+        assert np.array_equal(read_label(tmp_path / f"{sample_id}.png", NUM_VOC_CLASSES, lab.shape), lab), sample_id
+
+
+def test_eval_with_scales_and_flip_equals_the_reference(setup):
+    pred, images = setup
+    ref, _ = _reference(pred, images, (0.75, 1.0), True)
+    conf = ConfusionMatrix(images.num_classes)
+    evaluate_segnet1(pred, images, pred.meta["input_size"], CPU, 4, (0.75, 1.0), True, conf=conf)
+    assert torch.equal(conf.mat, ref.mat)
