@@ -1,16 +1,22 @@
-"""DataLoader worker processes that end with their parent and, for background work, yield
-the CPU to it."""
+"""Helpers of the pipelines: DataLoader worker processes that end with their parent and, for
+background work, yield the CPU to it; chunks of work done ahead by threads (`in_threads`)."""
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import select
 import signal
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, TypeVar
 
 from boxseg import threads
+
+T = TypeVar("T")
 
 PR_SET_PDEATHSIG = 1
 
@@ -125,3 +131,25 @@ def decoder_options(kind: str) -> dict:
 def writer_options(kind: str) -> dict:
     """`boxseg.propose.propose`'s writer arguments for a `--writers` choice (WRITERS)."""
     return _helper_options(kind, "writers", "writer")
+
+
+def in_threads(make: Callable[[range], T], n: int, chunk: int, workers: int, background: bool = True,
+               name: str = "boxseg-decode") -> Iterator[T]:
+    """`make(ks)` for the consecutive ranges of `chunk` indices of 0..n-1, done by `workers`
+    threads at most 2 x workers ranges ahead (a DataLoader's prefetch), yielded in order; an
+    error in `make` is raised here, at its range. `background`: at the lowest priority, so
+    they fill the gaps rather than slow the model's parallel regions. Closing the iterator
+    cancels what has not started and waits for the rest."""
+    ex = ThreadPoolExecutor(max(1, workers), thread_name_prefix=name,
+                            initializer=lower_priority if background else None)
+    ranges = (range(a, min(a + chunk, n)) for a in range(0, n, chunk))
+    ahead = deque(ex.submit(make, ks) for ks in itertools.islice(ranges, 2 * max(1, workers)))
+    try:
+        while ahead:
+            f = ahead.popleft()
+            ks = next(ranges, None)
+            if ks is not None:
+                ahead.append(ex.submit(make, ks))
+            yield f.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)

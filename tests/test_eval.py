@@ -1,6 +1,6 @@
 """evaluate_segnet1 (boxseg-eval, the training rounds' scores) against the plain reference:
-each image's probabilities by `segnet1_probs`, labels by argmax, one confusion update an
-image. The confusion matrices and the saved label PNGs must be identical whatever the batch,
+each image's probabilities written out (its uint8 canvas normalised by torch, one image a
+batch; `segnet1_probs` gives the same), labels by argmax, one confusion update an image. The confusion matrices and the saved label PNGs must be identical whatever the batch,
 with scales and flip too. The trained tiny SegNet1 of tests/fixtures: a random network
 leaves too many pixels at a near-tie to say anything about labels."""
 
@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from boxseg.data.files import read_label
+from boxseg.data.transforms import MEAN_U8, resize
 from boxseg.data.images import ImageSet
 from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
 from boxseg.inference import evaluate_segnet1, segnet1_probs
 from boxseg.metrics import ConfusionMatrix
 from boxseg.predict import load_predictor
+from boxseg.predict.image import letterbox, letterbox_params, normalize, probabilities
 
 MODEL = Path(__file__).parent / "fixtures" / "tiny_segnet1.pt"
 CPU = torch.device("cpu")
@@ -30,11 +32,31 @@ def setup(world):
     return pred, images
 
 
+def _probs(pred, image, scales, flip):
+    """One image's averaged softmax, written out: the uint8 canvas normalised by torch."""
+    size, views = pred.meta["input_size"], []
+    for s in scales:
+        v = image if s == 1.0 else resize(image, max(1, round(image.shape[0] * s)), max(1, round(image.shape[1] * s)),
+                                          False)
+        views += [(np.ascontiguousarray(v[:, ::-1]), True), (v, False)][::-1][: 2 if flip else 1]
+    total = 0
+    for v, mirrored in views:
+        lb = letterbox_params(*v.shape[:2], size, upscale=False)
+        logits = pred(normalize(torch.from_numpy(letterbox(v, lb, MEAN_U8)[None])))
+        p = probabilities(logits[0], lb)
+        p = p.flip(-1) if mirrored else p
+        if p.shape[-2:] != image.shape[:2]:
+            p = torch.nn.functional.interpolate(p[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        total = total + p
+    return total / len(views)
+
+
 def _reference(pred, images, scales=(1.0,), flip=False):
     conf, labels = ConfusionMatrix(images.num_classes), {}
     for i in range(len(images)):
         item = images[i]
-        (p,) = segnet1_probs(pred, [item.image], pred.meta["input_size"], CPU, scales, flip)
+        p = _probs(pred, item.image, scales, flip)
+        assert torch.equal(p, segnet1_probs(pred, [item.image], pred.meta["input_size"], CPU, scales, flip)[0])
         labels[item.id] = p.argmax(0).numpy().astype(np.uint8)
         conf.update(torch.from_numpy(labels[item.id]).long(), torch.from_numpy(item.mask))
     return conf, labels
