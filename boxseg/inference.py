@@ -114,7 +114,6 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
     conf = conf if conf is not None else ConfusionMatrix(images.num_classes)
     n = images.num_classes
     cuda = device.type == "cuda"
-    counts = torch.zeros(n * n + 1, dtype=torch.int64, device=device)  # the last bin: not counted
     flags: list[tuple[list[str], torch.Tensor]] = []  # each batch's ids and finite flags, read at the end
     writes = ThreadPoolExecutor(1, thread_name_prefix="boxseg-write") if save_dir is not None else None
     pending: deque = deque()
@@ -130,20 +129,24 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
                 "images": [it.image for it in items] if crf is not None else None,
                 "views": _views([it.image for it in items], test_size, scales, flip, on_host)}
 
-    chunks = in_threads(decode, len(images), batch, default_helpers(cuda) if workers is None else workers)
-    try:
-        for chunk in tqdm(chunks, total=-(-len(images) // batch), desc="eval", disable=not progress, leave=False):
-            ids = chunk["ids"]
-            sizes = [m.shape for m in chunk["masks"]]
-            hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
-            truth = np.full((len(ids), hmax, wmax), IGNORE, np.uint8)
-            for k, m in enumerate(chunk["masks"]):
-                truth[k, : sizes[k][0], : sizes[k][1]] = m
-            truth = torch.from_numpy(truth)
-            truth = (truth.pin_memory() if cuda else truth).to(device, non_blocking=cuda)
-            labels = torch.zeros((len(ids), hmax, wmax), dtype=torch.uint8, device=device)
-            finite = torch.zeros(len(ids), dtype=torch.bool, device=device)
-            probs = _probs_of_views(model, chunk["views"], sizes, device, pin=cuda)
+    streams = 2 if (not cuda and torch.get_num_threads() >= 2 and model.streamable and crf is None) else 1
+    models = model.for_streams(streams) if streams > 1 else [model]
+    counts = [torch.zeros(n * n + 1, dtype=torch.int64, device=device) for _ in models]  # the last bin: not counted
+
+    def run(chunk: dict, slot: int) -> tuple:
+        """A batch through the model and into the counts of its stream; its labels and flags."""
+        ids = chunk["ids"]
+        sizes = [m.shape for m in chunk["masks"]]
+        hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
+        truth = np.full((len(ids), hmax, wmax), IGNORE, np.uint8)
+        for k, m in enumerate(chunk["masks"]):
+            truth[k, : sizes[k][0], : sizes[k][1]] = m
+        truth = torch.from_numpy(truth)
+        truth = (truth.pin_memory() if cuda else truth).to(device, non_blocking=cuda)
+        labels = torch.zeros((len(ids), hmax, wmax), dtype=torch.uint8, device=device)
+        finite = torch.zeros(len(ids), dtype=torch.bool, device=device)
+        with torch.no_grad():
+            probs = _probs_of_views(models[slot], chunk["views"], sizes, device, pin=cuda)
             for k, p in enumerate(probs):
                 best, pred = p.max(0)  # argmax's indices (the first of equal maxima) at a seventh of its time on CPU
                 # a pixel's probabilities are all finite or all NaN (a softmax, or a mean of softmaxes),
@@ -155,20 +158,44 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
                 h, w = sizes[k]
                 t = truth[k, :h, :w].long()
                 # counted: labelled truth of a finite image (argmax of NaN would be a silent wrong answer)
-                _add(counts, torch.where((t != IGNORE) & ok, t * n + pred, n * n).flatten())
+                _add(counts[slot], torch.where((t != IGNORE) & ok, t * n + pred, n * n).flatten())
                 labels[k, :h, :w] = pred
-            flags.append((ids, finite))
-            if writes is not None:
-                while len(pending) >= 2:  # batches waiting for the writer: bounded
-                    pending.popleft().result()
-                pending.append(writes.submit(_write_labels, save_dir, ids, sizes,
-                                             *_download(labels, finite, cuda)))
+        return ids, sizes, labels, finite
+
+    def done(ids, sizes, labels, finite) -> None:
+        flags.append((ids, finite))
+        if writes is not None:
+            while len(pending) >= 2:  # batches waiting for the writer: bounded
+                pending.popleft().result()
+            pending.append(writes.submit(_write_labels, save_dir, ids, sizes, *_download(labels, finite, cuda)))
+
+    main_threads = torch.get_num_threads()
+    pool = (ThreadPoolExecutor(streams, thread_name_prefix="boxseg-model", initializer=torch.set_num_threads,
+                               initargs=(max(1, main_threads // streams),)) if streams > 1 else None)
+    inflight: deque = deque()
+    chunks = in_threads(decode, len(images), batch, default_helpers(cuda) if workers is None else workers,
+                        background=streams == 1)
+    try:
+        for seq, chunk in enumerate(tqdm(chunks, total=-(-len(images) // batch), desc="eval", disable=not progress,
+                                         leave=False)):
+            if pool is None:
+                done(*run(chunk, 0))
+                continue
+            if len(inflight) >= streams:
+                done(*inflight.popleft().result())
+            inflight.append(pool.submit(run, chunk, seq % streams))
+        while inflight:
+            done(*inflight.popleft().result())
         while pending:
             pending.popleft().result()
     finally:
         chunks.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(main_threads)  # the streams set torch's default for new threads
         if writes is not None:
             writes.shutdown(wait=True, cancel_futures=True)
+    counts = sum(counts[1:], counts[0])
     conf.mat += counts[: n * n].cpu().view(n, n)
     bad = [i for ids, f in flags for i, ok in zip(ids, f.tolist()) if not ok]
     if bad:
