@@ -247,7 +247,7 @@ def markdown(rows: list[BenchRow]) -> str:
         lines.append(f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {f(r.median_ms)} | {f(r.p90_ms)} | "
                      f"{f(r.p99_ms)} | {f(r.images_per_s)} | {f(r.gflop_per_image)} | {f(r.tflops)} | "
                      f"{f(r.matmul_tflops)} | {frac} | {f(r.peak_mem_mib)} | "
-                     f"{r.status + ': ' + r.note if r.backend.startswith(('propose-e2e', 'model-only')) else r.status} |")
+                     f"{r.status + ': ' + r.note if r.backend.startswith(('propose-e2e', 'eval-e2e', 'model-only')) else r.status} |")
     return "\n".join(lines)
 
 
@@ -318,7 +318,7 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                         # in the layout the Predictor takes without a copy, as the pipeline builds
                         # it (an NCHW input to a channels-last network costs ~6% more on CPU)
                         x = example_inputs(meta, b).to(device).contiguous(memory_format=pred.memory_format)
-                        lat = time_fn(lambda: pred(x), device, warmup, iters)
+                        time_fn(lambda: pred(x), device, warmup, iters)  # it runs (else a row saying why), warm
                     except StreamsRefused:
                         raise  # a --streams error for the command, not a row of the table
                     except Exception as e:  # noqa: BLE001 - reported in the table
@@ -326,32 +326,24 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                         rows.append(ref)
                         continue
                     row = BenchRow(name, f"propose-e2e {backend}", precision, b, "ok")
-                    timed, lats = [], []  # (run, its model-only pairs/s) and every model-only latency
-                    for rep in range(1 + max(1, e2e_runs)):  # the first warms up (workers, allocator, kernels)
-                        if rep:
-                            lat = time_fn(lambda: pred(x), device, min(warmup, 1), iters)
-                            lats += lat
+
+                    def run_once():
                         out = Path(tempfile.mkdtemp(prefix="e2e-", dir=work))  # removed with `work`, at the end
                         run = propose(pred, None, images, out, meta["input_size"], ProposalConfig(batch=b),
                                       device, precision, workers, writer_processes=writer_processes,
                                       decode_processes=decode_processes, decode_start=decode_start,
                                       streams=streams, device_jpeg=device_jpeg, writer_start=writer_start)
-                        if rep:
-                            timed.append((run, b / (statistics.median(lat) / 1000)))
-                    med = statistics.median(lats)
-                    ref.median_ms, ref.p90_ms, ref.p99_ms = round(med, 3), round(_pct(lats, 0.9), 3), round(_pct(lats, 0.99), 3)
-                    ref.images_per_s = round(b / (med / 1000), 2)
-                    ref.note = (f"pairs/s; same Predictor, shapes, batch and input layout as the pipeline's; timed "
-                                f"{len(timed)} x {iters} batches, each time just before an e2e run")
+                        return run, run.pairs, run.seconds
+
+                    timed, ratios, k = _paired_runs(pred, x, b, device, warmup, iters, e2e_runs, run_once, ref,
+                                                    "pairs/s")
                     rows.append(ref)
-                    ratios = [r.pairs / r.seconds / mo for r, mo in timed]
-                    k = sorted(range(len(timed)), key=ratios.__getitem__)[len(timed) // 2]
                     r = timed[k][0]  # the run with the median ratio: its stages reported
                     row.images_per_s = round(r.pairs / r.seconds, 2)
                     row.median_ms = round(1000 * r.seconds / max(1, -(-r.pairs // b)), 3)
                     ratio = ratios[k]
                     stages = ", ".join(f"{n} {v:.2f} s" for n, v in r.timing.items() if n not in ("wall", "device_busy"))
-                    each = ", ".join(f"{x.pairs / x.seconds:.1f} / {mo:.1f}" for x, mo in timed)
+                    each = ", ".join(f"{n / sec:.1f} / {mo:.1f}" for _, n, sec, mo in timed)
                     row.note = (f"pairs/s over {len(images)} images, {r.pairs} pairs; {len(timed)} timed runs, each "
                                 f"against the model alone just before it (e2e / model-only pairs/s: {each}); "
                                 f"e2e / model-only = {100 * ratio:.0f}%, the median of "
@@ -364,7 +356,82 @@ def bench_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions:
                                 f"median_ms = wall time per batch")
                     rows.append(row)
                     log(f"e2e {backend} {precision} b{b}: {row.images_per_s} pairs/s end to end against "
-                        f"{timed[k][1]:.2f} model-only just before ({100 * ratio:.0f}%, the median of the runs' "
+                        f"{timed[k][3]:.2f} model-only just before ({100 * ratio:.0f}%, the median of the runs' "
                         f"ratios {', '.join(f'{100 * v:.0f}' for v in ratios)}%); {stages}; "
                         f"fill {r.fill:.2f} s (starting processes {r.start:.2f} s), drain {r.drain:.2f} s")
+    return rows
+
+
+def _paired_runs(pred, x: torch.Tensor, b: int, device: torch.device, warmup: int, iters: int, runs: int,
+                 run_once, ref: BenchRow, unit: str) -> tuple[list[tuple], list[float], int]:
+    """A pipeline's runs against its model alone: a warm-up run (workers, allocator, kernels),
+    then `runs` timed runs, each just after a model-only timing of `pred(x)` (the machine's
+    speed drifts: a ratio of two moments measures the drift as much as the pipeline).
+    `run_once()` -> (result, units, seconds). Fills `ref`, the model-only row (the median of
+    all its timings); returns the timed runs as (result, units, seconds, model-only units/s),
+    their e2e / model-only ratios and the index of the run with the median ratio."""
+    timed, lats = [], []
+    for rep in range(1 + max(1, runs)):
+        if rep:
+            lat = time_fn(lambda: pred(x), device, min(warmup, 1), iters)
+            lats += lat
+        result = run_once()
+        if rep:
+            timed.append((*result, b / (statistics.median(lat) / 1000)))
+    med = statistics.median(lats)
+    ref.median_ms, ref.p90_ms, ref.p99_ms = round(med, 3), round(_pct(lats, 0.9), 3), round(_pct(lats, 0.99), 3)
+    ref.images_per_s = round(b / (med / 1000), 2)
+    ref.note = (f"{unit}; same Predictor, shapes, batch and input layout as the pipeline's; timed "
+                f"{len(timed)} x {iters} batches, each time just before an e2e run")
+    ratios = [n / sec / mo for _, n, sec, mo in timed]
+    return timed, ratios, sorted(range(len(timed)), key=ratios.__getitem__)[len(timed) // 2]
+
+
+def bench_eval_e2e(model: torch.nn.Module, meta: dict, name: str, images, precisions: list[str], batches: list[int],
+                   device: torch.device, workers: int | None, warmup: int, iters: int, log=print,
+                   backends: tuple[str, ...] = ("torch",), compile_mode: str | None = "auto",
+                   e2e_runs: int = 3) -> list[BenchRow]:
+    """boxseg-eval's whole pipeline (`evaluate_segnet1`: decode and letterbox in threads, the
+    model, labels and confusion counts on the device) over `images` (an ImageSet with ground
+    truth) against the same Predictor alone on inputs of the same shape, batch and layout, in
+    images per second; runs paired with model-only timings as `bench_e2e`'s."""
+    from boxseg.inference import evaluate_segnet1
+
+    rows: list[BenchRow] = []
+    model = copy.deepcopy(model).eval()
+    with tempfile.TemporaryDirectory() as work:
+        for backend in backends:
+            for precision in precisions:
+                for b in batches:
+                    ref = BenchRow(name, f"model-only {backend}", precision, b, "ok")
+                    try:
+                        pred = make_predictor(backend, model, meta, precision, device, b, Path(work), log, compile_mode)
+                        x = example_inputs(meta, b).to(device).contiguous(memory_format=pred.memory_format)
+                        time_fn(lambda: pred(x), device, warmup, iters)  # it runs (else a row saying why), warm
+                    except Exception as e:  # noqa: BLE001 - reported in the table
+                        ref.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        rows.append(ref)
+                        continue
+
+                    def run_once():
+                        t = time.perf_counter()
+                        scores = evaluate_segnet1(pred, images, meta["input_size"], device, b, workers=workers)
+                        return scores, len(images), time.perf_counter() - t
+
+                    timed, ratios, k = _paired_runs(pred, x, b, device, warmup, iters, e2e_runs, run_once, ref,
+                                                    "images/s")
+                    rows.append(ref)
+                    _, n, sec, mo = timed[k]
+                    row = BenchRow(name, f"eval-e2e {backend}", precision, b, "ok", images_per_s=round(n / sec, 2),
+                                   median_ms=round(1000 * sec / -(-n // b), 3))
+                    each = ", ".join(f"{n / sec:.1f} / {mo:.1f}" for _, n, sec, mo in timed)
+                    row.note = (f"images/s over {n} images (boxseg-eval's pipeline, mIoU computed); {len(timed)} timed "
+                                f"runs, each against the model alone just before it (e2e / model-only images/s: {each}); "
+                                f"e2e / model-only = {100 * ratios[k]:.0f}%, the median of "
+                                f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {sec:.2f} s; "
+                                f"median_ms = wall time per batch")
+                    rows.append(row)
+                    log(f"eval e2e {backend} {precision} b{b}: {row.images_per_s} images/s end to end against "
+                        f"{mo:.2f} model-only just before ({100 * ratios[k]:.0f}%, the median of the runs' ratios "
+                        f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%)")
     return rows

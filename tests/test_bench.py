@@ -136,3 +136,26 @@ def test_profile_e2e_script_runs_the_pipeline_under_the_profiler(world, tmp_path
     text = (tmp_path / "profile_e2e.txt").read_text()
     assert "Self CPU time total" in text and "aten::" in text
     assert (tmp_path / "profile_e2e.json.gz").stat().st_size > 1000
+
+
+def test_e2e_of_a_segnet1_times_the_eval_pipeline_against_the_model(world, tmp_path):
+    """boxseg-bench --e2e with a SegNet1: boxseg-eval's pipeline (evaluate_segnet1) on the val
+    split, each timed run against the model alone just before it, as propose's."""
+    r = CliRunner().invoke(bench_cli, ["--model", "segnet1", "--preset", "tiny", "--e2e", "--voc-root",
+                                       str(world.voc_root), "--batch", "4", "--iters", "2", "--warmup", "1",
+                                       "--device", "cpu", "--workers", "1", "--tag", "ev", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert [(x["backend"], x["status"]) for x in rows] == [("model-only torch", "ok"), ("eval-e2e torch", "ok")]
+    model_only, e2e = rows
+    n_val = len((world.voc_root / "ImageSets" / "Segmentation" / "val.txt").read_text().split())
+    assert f"images/s over {n_val} images (boxseg-eval's pipeline" in e2e["note"]
+    pairs = [tuple(float(v) for v in p.split(" / "))
+             for p in e2e["note"].split("(e2e / model-only images/s: ")[1].split(")")[0].split(", ")]
+    ratios = sorted(a / mo for a, mo in pairs)
+    assert len(pairs) == 3 and all(a > 0 and mo > 0 for a, mo in pairs)
+    shown = float(e2e["note"].split("e2e / model-only = ")[1].split("%")[0])
+    assert shown == pytest.approx(100 * ratios[1], abs=0.6)
+    assert min(abs(e2e["images_per_s"] - a) for a, _ in pairs) < 0.06  # (the note's figures are rounded)
+    assert "timed 3 x 2 batches" in model_only["note"] and model_only["images_per_s"] > 0
+    assert "e2e / model-only" in (tmp_path / "ev.md").read_text()

@@ -53,8 +53,10 @@ def _model(spec: str, preset: str, size: int | None):
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True,
               help="Folder for TAG.jsonl, TAG.md and TAG.png.")
 @click.option("--tag", default=None, help="File name stem for the results (default: model_device).")
-@click.option("--e2e", is_flag=True, help="SegNet2 only: boxseg-propose's whole pipeline against the model alone, "
-              "in (image, class) pairs/s, on --voc-root's train split (default: the synthetic world).")
+@click.option("--e2e", is_flag=True, help="The user's whole pipeline against the model alone: for a SegNet2 "
+              "boxseg-propose's, in (image, class) pairs/s, on --voc-root's train split; for a SegNet1 boxseg-eval's "
+              "(decoding, the model, labels, mIoU), in images/s, on its val split (default: the synthetic world). "
+              "The options below named for propose apply to SegNet2 only, except --workers (decode threads).")
 @click.option("--voc-root", type=click.Path(path_type=Path), help="Images for --e2e.")
 @click.option("--writers", "writer_kind", type=click.Choice(WRITERS), default="auto",
               show_default=True, help="--e2e: boxseg-propose's PNG writers (auto: processes on CUDA, threads on CPU; "
@@ -102,9 +104,21 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
         sys.exit(Exit.BAD_INPUT)
     name = f"{Path(spec).stem if spec.endswith('.pt') else spec}@{meta['input_size']}"
     batch_list, precision_list = [int(b) for b in batches.split(",")], precisions.split(",")
-    if e2e:
+    if e2e and meta["kind"] == "segnet1":  # boxseg-eval's pipeline, on its default split
+        from boxseg.bench import bench_eval_e2e
+        from boxseg.cli.train import synth_world
+        from boxseg.data.images import ImageSet
+        from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+
+        with exit_on_errors():
+            images = ImageSet(VOCDataset(voc_root or synth_world("tiny", 0)[2], "val", masks="require"),
+                              NUM_VOC_CLASSES)
+        rows = bench_eval_e2e(model, meta, name, images, precision_list, batch_list, dev, workers, warmup, iters,
+                              log=lambda s: click.echo(s, err=True), backends=tuple((backends or "torch").split(",")),
+                              compile_mode=compile_mode, e2e_runs=e2e_runs)
+    elif e2e:
         if meta["kind"] != "segnet2":
-            raise click.UsageError("--e2e times boxseg-propose: give a SegNet2 (--model segnet2 or a checkpoint)")
+            raise click.UsageError("--e2e times boxseg-propose (a SegNet2) or boxseg-eval (a SegNet1)")
         from boxseg.bench import bench_e2e
         from boxseg.cli.train import synth_world
         from boxseg.data.images import ImageSet
