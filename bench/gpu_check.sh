@@ -10,7 +10,8 @@
 # Steps, most important first; each has a time limit and the whole run a budget, so the
 # tarball is always written; steps.txt says how each ended (rc 124 = its limit).
 #   data, e2e       boxseg-propose's pipeline against the model alone: paper SegNet2 @512, batch 64,
-#                   fp16, 1,000 medium synthetic images (issue 15), the torch Predictor, writer processes
+#                   fp16, 1,000 medium synthetic images (issue 15; 300 more for val), the torch Predictor,
+#                   writer processes
 #   e2e_cudagraph   the same with the cudagraph Predictor (the eager network replayed as one CUDA graph
 #                   a batch: the model stage without its ~300 launches a batch)
 #   e2e_forkserver  cudagraph with decoder and writer processes forked from a forkserver, not from
@@ -19,6 +20,8 @@
 #                   CPU threads won: no copy-on-write faults after forking; on CUDA the GIL may decide)
 #                   (these two, ~20-30 s each, before the compile step, whose compile may take minutes:
 #                   with it first they would not have fitted the first call's budget)
+#   e2e_eval        boxseg-eval's pipeline against the model alone: paper SegNet1 @513, batch 16 (boxseg-eval's
+#                   default), fp16, the 300 medium val images, eager and cudagraph Predictors
 #   e2e_compile     the e2e measurement with the compile Predictor (reduce-overhead: CUDA graphs)
 #   tests           pytest -m gpu without the compile and aoti cases: propose on CUDA against CPU fp32,
 #                   cudagraph against eager, decode threads / processes / forkserver and nvJPEG on CUDA,
@@ -75,12 +78,14 @@ cat "$R/env.txt"
 export BOXSEG_CACHE=/tmp/boxseg_cache
 B="$PY -m boxseg.cli.bench --device cuda --out $R"
 
-step data 45 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 8 --n-source 8 --workers 12
+step data 60 $PY -m boxseg.cli.data synth --out /tmp/medium --size medium --n-train 1000 --n-val 300 --n-source 8 --workers 12
 E="--model segnet2 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --batch 64 --precision fp16 --workers 12 --warmup 3 --iters 10"
 step e2e 90 $B $E --backends torch --tag segnet2_512_e2e
 step e2e_cudagraph 90 $B $E --backends cudagraph --tag segnet2_512_e2e_cudagraph
 step e2e_forkserver 60 $B $E --backends cudagraph --decoders forkserver --writers forkserver --tag segnet2_512_e2e_cudagraph_forkserver
 step e2e_decode_threads 60 $B $E --backends cudagraph --decoders threads --tag segnet2_512_e2e_cudagraph_decode_threads
+step e2e_eval 75 $B --model segnet1 --preset paper --e2e --voc-root /tmp/medium/voc/VOC2012 --batch 16 --precision fp16 \
+    --backends torch,cudagraph --warmup 3 --iters 10 --tag segnet1_513_eval_e2e
 step e2e_compile 150 $B $E --backends compile --tag segnet2_512_e2e_compile
 GT="-m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -rs --durations=0"
 step tests 120 $PY $GT -k "not compile and not aoti"

@@ -75,6 +75,36 @@ def test_propose_on_cuda_matches_cpu_fp32(world, tmp_path, precision):
     assert total and same / total >= need, f"{precision}: {100 * same / total:.4f}% identical pixels"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_eval_on_cuda_matches_cpu_fp32(world, tmp_path, precision):
+    """boxseg-eval's pipeline on CUDA (confusion counts by scatter_add_ on the device, the
+    labels downloaded a batch at a time into pinned memory) against CPU fp32: the saved
+    labels nearly all identical, the same pixels counted, the mIoU within a hair."""
+    import json
+
+    from boxseg.cli.eval import main as eval_cli
+
+    base = ["--model", str(MODELS["segnet1"]), "--voc-root", str(world.voc_root), "--batch", "5"]
+    runs = {}
+    for name, device, prec in (("cpu", "cpu", "fp32"), ("gpu", "cuda", precision)):
+        r = CliRunner().invoke(eval_cli, [*base, "--device", device, "--precision", prec, "--out",
+                                          str(tmp_path / name), "--save-predictions", str(tmp_path / f"{name}_labels")])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    from PIL import Image
+
+    same = total = 0
+    for p in sorted((tmp_path / "cpu_labels").glob("*.png")):
+        a = np.asarray(Image.open(p))
+        b = np.asarray(Image.open(tmp_path / "gpu_labels" / p.name))
+        same += int((a == b).sum())
+        total += a.size
+    need = 0.9999 if precision == "fp32" else 0.999
+    assert total and same / total >= need, f"{precision}: {100 * same / total:.4f}% identical pixels"
+    assert runs["gpu"]["pixels"] == runs["cpu"]["pixels"]
+    assert abs(runs["gpu"]["miou"] - runs["cpu"]["miou"]) < 0.005, (runs["gpu"]["miou"], runs["cpu"]["miou"])
+
+
 @pytest.mark.parametrize("kind", ["segnet1", "segnet2"])
 def test_cudagraph_replays_the_eager_network_bit_for_bit(world, kind):
     """Captured once, replayed: the same kernels as eager at the same batch shape, so the

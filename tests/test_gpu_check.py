@@ -45,6 +45,6 @@ def test_every_step_parses(tmp_path):
     assert (tmp_path / "dest" / "gpu_check.tgz").stat().st_size > 0
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     benches = [c for c in calls if c[:2] == ["-m", "boxseg.cli.bench"]]
-    # e2e x 7, head x 3, tables and tables_compile x 2 each
-    assert len(benches) == 14, benches
+    # e2e x 7 (propose) and 1 (eval), head x 3, tables and tables_compile x 2 each
+    assert len(benches) == 15, benches
     assert all("--device" in c and c[c.index("--device") + 1] == "cuda" for c in benches)
