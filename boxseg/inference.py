@@ -105,7 +105,10 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
     confusion counts stay on the device, with no wait for it an image (on CUDA the host
     queues batch n+1 while the device works on batch n); each batch's ground truth goes up
     in one copy, and with `save_dir` its labels come down in one copy, written by a thread.
-    The same counts and labels as image by image (tests/test_eval.py)."""
+    On CPU two batches are in flight (without `crf`, where the backend allows: eager torch,
+    onnxruntime), each in a thread on half the threads with its own counts, as
+    boxseg-propose's model streams. The same counts and labels as image by image
+    (tests/test_eval.py)."""
     from tqdm import tqdm
 
     from boxseg.crf import dense_crf
@@ -173,8 +176,9 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
     pool = (ThreadPoolExecutor(streams, thread_name_prefix="boxseg-model", initializer=torch.set_num_threads,
                                initargs=(max(1, main_threads // streams),)) if streams > 1 else None)
     inflight: deque = deque()
+    # (at the lowest priority only where each stream has threads to spare, as propose's decoders)
     chunks = in_threads(decode, len(images), batch, default_helpers(cuda) if workers is None else workers,
-                        background=streams == 1)
+                        background=main_threads // streams > 1)
     try:
         for seq, chunk in enumerate(tqdm(chunks, total=-(-len(images) // batch), desc="eval", disable=not progress,
                                          leave=False)):
