@@ -51,15 +51,16 @@ def _views(images: list[np.ndarray], test_size: int, scales: tuple[float, ...], 
     return views
 
 
-def _probs_of_views(model: Predictor, views: list[tuple], sizes: list[tuple[int, int]], device: torch.device,
-                    pin: bool = False) -> list[torch.Tensor]:
-    """Softmax (C, h, w) per image, on the device, averaged over its views (`_views`): each
-    view of all the images in one batch through the model."""
+def _probs_of_views(model: Predictor, views: list[tuple], sizes: list[tuple[int, int]],
+                    device: torch.device) -> list[torch.Tensor]:
+    """Softmax (C, h, w) per image, on the device, averaged over its views (`_views`; their
+    canvases arrays, or tensors, pinned ones uploaded without waiting): each view of all the
+    images in one batch through the model."""
     sums: list[torch.Tensor | None] = [None] * len(sizes)
     for canvases, lbs, mirrored in views:
-        x = torch.from_numpy(canvases)
+        x = canvases if isinstance(canvases, torch.Tensor) else torch.from_numpy(canvases)
         if x.dtype == torch.uint8:
-            x = normalize((x.pin_memory() if pin else x).to(device, non_blocking=pin))
+            x = normalize(x.to(device, non_blocking=x.is_pinned()))
         else:  # normalised already (on CPU): (B, S, S, 3) is the channels-last (B, 3, S, S)
             x = x.permute(0, 3, 1, 2)
         logits = model(x)
@@ -123,14 +124,23 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
 
     on_host = _normalize_on_host(model, device)
 
-    def decode(ks: range) -> dict:  # in a decoder thread: a batch's images, ground truth and views
+    def decode(ks: range) -> dict:
+        """In a decoder thread: a batch's ids, image sizes, ground truth (padded with 255 to
+        the largest) and views; on CUDA in pinned memory, for uploads that do not wait."""
         items = [images[i] for i in ks]
         for item in items:
             if item.mask is None:
                 raise ValueError(f"{item.id}: no ground-truth mask")
-        return {"ids": [it.id for it in items], "masks": [it.mask for it in items],
-                "images": [it.image for it in items] if crf is not None else None,
-                "views": _views([it.image for it in items], test_size, scales, flip, on_host)}
+        sizes = [it.mask.shape for it in items]
+        truth = np.full((len(items), max(h for h, _ in sizes), max(w for _, w in sizes)), IGNORE, np.uint8)
+        for k, it in enumerate(items):
+            truth[k, : sizes[k][0], : sizes[k][1]] = it.mask
+        views = _views([it.image for it in items], test_size, scales, flip, on_host)
+        if cuda:
+            truth = torch.from_numpy(truth).pin_memory()
+            views = [(torch.from_numpy(c).pin_memory(), lbs, mirrored) for c, lbs, mirrored in views]
+        return {"ids": [it.id for it in items], "sizes": sizes, "truth": torch.as_tensor(truth), "views": views,
+                "images": [it.image for it in items] if crf is not None else None}
 
     streams = 2 if (not cuda and torch.get_num_threads() >= 2 and model.streamable and crf is None) else 1
     models = model.for_streams(streams) if streams > 1 else [model]
@@ -138,18 +148,12 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
 
     def run(chunk: dict, slot: int) -> tuple:
         """A batch through the model and into the counts of its stream; its labels and flags."""
-        ids = chunk["ids"]
-        sizes = [m.shape for m in chunk["masks"]]
-        hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
-        truth = np.full((len(ids), hmax, wmax), IGNORE, np.uint8)
-        for k, m in enumerate(chunk["masks"]):
-            truth[k, : sizes[k][0], : sizes[k][1]] = m
-        truth = torch.from_numpy(truth)
-        truth = (truth.pin_memory() if cuda else truth).to(device, non_blocking=cuda)
-        labels = torch.zeros((len(ids), hmax, wmax), dtype=torch.uint8, device=device)
+        ids, sizes = chunk["ids"], chunk["sizes"]
+        truth = chunk["truth"].to(device, non_blocking=cuda)
+        labels = torch.zeros(truth.shape, dtype=torch.uint8, device=device)
         finite = torch.zeros(len(ids), dtype=torch.bool, device=device)
         with torch.no_grad():
-            probs = _probs_of_views(models[slot], chunk["views"], sizes, device, pin=cuda)
+            probs = _probs_of_views(models[slot], chunk["views"], sizes, device)
             for k, p in enumerate(probs):
                 best, pred = p.max(0)  # argmax's indices (the first of equal maxima) at a seventh of its time on CPU
                 # a pixel's probabilities are all finite or all NaN (a softmax, or a mean of softmaxes),
