@@ -4,6 +4,7 @@ device's own ceiling (a large matrix product of the same dtype timed in the same
 from __future__ import annotations
 
 import copy
+import itertools
 import platform
 import resource
 import statistics
@@ -400,38 +401,35 @@ def bench_eval_e2e(model: torch.nn.Module, meta: dict, name: str, images, precis
     rows: list[BenchRow] = []
     model = copy.deepcopy(model).eval()
     with tempfile.TemporaryDirectory() as work:
-        for backend in backends:
-            for precision in precisions:
-                for b in batches:
-                    ref = BenchRow(name, f"model-only {backend}", precision, b, "ok")
-                    try:
-                        pred = make_predictor(backend, model, meta, precision, device, b, Path(work), log, compile_mode)
-                        x = example_inputs(meta, b).to(device).contiguous(memory_format=pred.memory_format)
-                        time_fn(lambda: pred(x), device, warmup, iters)  # it runs (else a row saying why), warm
-                    except Exception as e:  # noqa: BLE001 - reported in the table
-                        ref.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                        rows.append(ref)
-                        continue
+        for backend, precision, b in itertools.product(backends, precisions, batches):
+            ref = BenchRow(name, f"model-only {backend}", precision, b, "ok")
+            try:
+                pred = make_predictor(backend, model, meta, precision, device, b, Path(work), log, compile_mode)
+                x = example_inputs(meta, b).to(device).contiguous(memory_format=pred.memory_format)
+                time_fn(lambda: pred(x), device, warmup, iters)  # it runs (else a row saying why), warm
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                ref.status = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                rows.append(ref)
+                continue
 
-                    def run_once():
-                        t = time.perf_counter()
-                        scores = evaluate_segnet1(pred, images, meta["input_size"], device, b, workers=workers)
-                        return scores, len(images), time.perf_counter() - t
+            def run_once():
+                t = time.perf_counter()
+                scores = evaluate_segnet1(pred, images, meta["input_size"], device, b, workers=workers)
+                return scores, len(images), time.perf_counter() - t
 
-                    timed, ratios, k = _paired_runs(pred, x, b, device, warmup, iters, e2e_runs, run_once, ref,
-                                                    "images/s")
-                    rows.append(ref)
-                    _, n, sec, mo = timed[k]
-                    row = BenchRow(name, f"eval-e2e {backend}", precision, b, "ok", images_per_s=round(n / sec, 2),
-                                   median_ms=round(1000 * sec / -(-n // b), 3))
-                    each = ", ".join(f"{n / sec:.1f} / {mo:.1f}" for _, n, sec, mo in timed)
-                    row.note = (f"images/s over {n} images (boxseg-eval's pipeline, mIoU computed); {len(timed)} timed "
-                                f"runs, each against the model alone just before it (e2e / model-only images/s: {each}); "
-                                f"e2e / model-only = {100 * ratios[k]:.0f}%, the median of "
-                                f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {sec:.2f} s; "
-                                f"median_ms = wall time per batch")
-                    rows.append(row)
-                    log(f"eval e2e {backend} {precision} b{b}: {row.images_per_s} images/s end to end against "
-                        f"{mo:.2f} model-only just before ({100 * ratios[k]:.0f}%, the median of the runs' ratios "
-                        f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%)")
+            timed, ratios, k = _paired_runs(pred, x, b, device, warmup, iters, e2e_runs, run_once, ref, "images/s")
+            rows.append(ref)
+            _, n, sec, mo = timed[k]
+            row = BenchRow(name, f"eval-e2e {backend}", precision, b, "ok", images_per_s=round(n / sec, 2),
+                           median_ms=round(1000 * sec / -(-n // b), 3))
+            each = ", ".join(f"{n / sec:.1f} / {mo:.1f}" for _, n, sec, mo in timed)
+            row.note = (f"images/s over {n} images (boxseg-eval's pipeline, mIoU computed); {len(timed)} timed "
+                        f"runs, each against the model alone just before it (e2e / model-only images/s: {each}); "
+                        f"e2e / model-only = {100 * ratios[k]:.0f}%, the median of "
+                        f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {sec:.2f} s; "
+                        f"median_ms = wall time per batch")
+            rows.append(row)
+            log(f"eval e2e {backend} {precision} b{b}: {row.images_per_s} images/s end to end against "
+                f"{mo:.2f} model-only just before ({100 * ratios[k]:.0f}%, the median of the runs' ratios "
+                f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%)")
     return rows
