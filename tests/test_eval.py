@@ -82,3 +82,20 @@ def test_eval_with_scales_and_flip_equals_the_reference(setup):
     conf = ConfusionMatrix(images.num_classes)
     evaluate_segnet1(pred, images, pred.meta["input_size"], CPU, 4, (0.75, 1.0), True, conf=conf)
     assert torch.equal(conf.mat, ref.mat)
+
+
+def test_eval_cli_workers_change_nothing_but_the_threads(world, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from boxseg.cli.eval import main as eval_cli
+
+    got = {}
+    for w in ("1", "3"):
+        r = CliRunner().invoke(eval_cli, ["--model", str(MODEL), "--voc-root", str(world.voc_root), "--device", "cpu",
+                                          "--batch", "4", "--workers", w, "--out", str(tmp_path / w)])
+        assert r.exit_code == 0, r.output
+        got[w] = json.loads((tmp_path / w / "results.json").read_text())
+    assert got["1"]["miou"] == got["3"]["miou"] and got["1"]["pixels"] == got["3"]["pixels"] > 0
+    assert got["1"]["iou"] == got["3"]["iou"]
