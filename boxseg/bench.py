@@ -396,6 +396,7 @@ def bench_eval_e2e(model: torch.nn.Module, meta: dict, name: str, images, precis
     model, labels and confusion counts on the device) over `images` (an ImageSet with ground
     truth) against the same Predictor alone on inputs of the same shape, batch and layout, in
     images per second; runs paired with model-only timings as `bench_e2e`'s."""
+    from boxseg.errors import NonFiniteOutput
     from boxseg.inference import evaluate_segnet1
 
     rows: list[BenchRow] = []
@@ -414,19 +415,24 @@ def bench_eval_e2e(model: torch.nn.Module, meta: dict, name: str, images, precis
 
             def run_once():
                 t = time.perf_counter()
-                scores = evaluate_segnet1(pred, images, meta["input_size"], device, b, workers=workers)
+                try:
+                    scores = evaluate_segnet1(pred, images, meta["input_size"], device, b, workers=workers)
+                except NonFiniteOutput as e:  # raised after the whole pipeline ran: the time stands (random
+                    scores = e                # weights at fp16 may overflow), and the note says so
                 return scores, len(images), time.perf_counter() - t
 
             timed, ratios, k = _paired_runs(pred, x, b, device, warmup, iters, e2e_runs, run_once, ref, "images/s")
             rows.append(ref)
-            _, n, sec, mo = timed[k]
+            scores, n, sec, mo = timed[k]
+            unscored = (f" ({len(scores.ids)} images with non-finite outputs: not scored)"
+                        if isinstance(scores, NonFiniteOutput) else "")
             row = BenchRow(name, f"eval-e2e {backend}", precision, b, "ok", images_per_s=round(n / sec, 2),
                            median_ms=round(1000 * sec / -(-n // b), 3))
             each = ", ".join(f"{n / sec:.1f} / {mo:.1f}" for _, n, sec, mo in timed)
             row.note = (f"images/s over {n} images (boxseg-eval's pipeline, mIoU computed); {len(timed)} timed "
                         f"runs, each against the model alone just before it (e2e / model-only images/s: {each}); "
                         f"e2e / model-only = {100 * ratios[k]:.0f}%, the median of "
-                        f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {sec:.2f} s; "
+                        f"{', '.join(f'{100 * v:.0f}' for v in ratios)}%; that run: wall {sec:.2f} s{unscored}; "
                         f"median_ms = wall time per batch")
             rows.append(row)
             log(f"eval e2e {backend} {precision} b{b}: {row.images_per_s} images/s end to end against "

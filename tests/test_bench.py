@@ -159,3 +159,29 @@ def test_e2e_of_a_segnet1_times_the_eval_pipeline_against_the_model(world, tmp_p
     assert min(abs(e2e["images_per_s"] - a) for a, _ in pairs) < 0.06  # (the note's figures are rounded)
     assert "timed 3 x 2 batches" in model_only["note"] and model_only["images_per_s"] > 0
     assert "e2e / model-only" in (tmp_path / "ev.md").read_text()
+
+
+def test_eval_e2e_times_a_run_whose_outputs_overflow_and_says_so(world):
+    """Random or broken weights at fp16 may give non-finite outputs: evaluate_segnet1 raises
+    after the whole pipeline ran, so the time stands and the row says what was not scored."""
+    import torch
+
+    from boxseg.bench import bench_eval_e2e
+    from boxseg.config import preset
+    from boxseg.data.classes import VOC_TARGET_CLASSES
+    from boxseg.data.images import ImageSet
+    from boxseg.data.voc import NUM_VOC_CLASSES, VOCDataset
+    from boxseg.models.meta import build_model, segnet1_meta
+
+    meta = segnet1_meta(preset("tiny").segnet1, VOC_TARGET_CLASSES)
+    torch.manual_seed(0)
+    model = build_model(meta).eval()
+    head = [c for c in model.modules() if isinstance(c, torch.nn.Conv2d)][-1]
+    with torch.no_grad():  # logits ~1e6: infinite in fp16
+        head.weight.mul_(1e7)
+        head.bias.mul_(1e7)
+    images = ImageSet(VOCDataset(world.voc_root, "val"), NUM_VOC_CLASSES)
+    rows = bench_eval_e2e(model, meta, "segnet1", images, ["fp16"], [4], torch.device("cpu"), 1, 1, 1,
+                          log=lambda s: None, e2e_runs=1)
+    assert [(r.backend, r.status) for r in rows] == [("model-only torch", "ok"), ("eval-e2e torch", "ok")]
+    assert f"({len(images)} images with non-finite outputs: not scored)" in rows[1].note, rows[1].note
