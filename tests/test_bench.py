@@ -159,6 +159,9 @@ def test_e2e_of_a_segnet1_times_the_eval_pipeline_against_the_model(world, tmp_p
     assert min(abs(e2e["images_per_s"] - a) for a, _ in pairs) < 0.06  # (the note's figures are rounded)
     assert "timed 3 x 2 batches" in model_only["note"] and model_only["images_per_s"] > 0
     assert "e2e / model-only" in (tmp_path / "ev.md").read_text()
+    r = CliRunner().invoke(bench_cli, ["--model", "segnet1", "--preset", "tiny", "--e2e", "--voc-root",
+                                       str(world.voc_root), "--streams", "1", "--out", str(tmp_path / "no")])
+    assert r.exit_code == 2 and "--streams: boxseg-propose's, for --e2e with a SegNet2" in r.output, r.output
 
 
 def test_eval_e2e_times_a_run_whose_outputs_overflow_and_says_so(world):

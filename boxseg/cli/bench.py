@@ -105,6 +105,11 @@ def main(spec, preset, size, backends, batches, precisions, device, warmup, iter
     name = f"{Path(spec).stem if spec.endswith('.pt') else spec}@{meta['input_size']}"
     batch_list, precision_list = [int(b) for b in batches.split(",")], precisions.split(",")
     if e2e and meta["kind"] == "segnet1":  # boxseg-eval's pipeline, on its default split
+        given = [opt for opt, on in (("--decoders", decoder_kind != "auto"), ("--writers", writer_kind != "auto"),
+                                     ("--streams", streams is not None), ("--decode-on-device", decode_on_device)) if on]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: boxseg-propose's, for --e2e with a SegNet2; a SegNet1's "
+                                   f"--e2e times boxseg-eval (decode threads: --workers)")
         from boxseg.bench import bench_eval_e2e
         from boxseg.cli.train import synth_world
         from boxseg.data.images import ImageSet
