@@ -99,3 +99,25 @@ def test_eval_cli_workers_change_nothing_but_the_threads(world, tmp_path):
         got[w] = json.loads((tmp_path / w / "results.json").read_text())
     assert got["1"]["miou"] == got["3"]["miou"] and got["1"]["pixels"] == got["3"]["pixels"] > 0
     assert got["1"]["iou"] == got["3"]["iou"]
+
+
+def test_eval_of_a_split_missing_a_ground_truth_names_the_file(world_copy, tmp_path):
+    """A model's mIoU needs every image's ground truth: a missing mask is a bad-input error
+    naming it (it was a traceback from the decoder thread), or with --skip-bad skipped and listed."""
+    import json
+
+    from click.testing import CliRunner
+
+    from boxseg.cli.eval import main as eval_cli
+
+    root = world_copy.voc_root
+    sample_id = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    (mask,) = root.glob(f"SegmentationClass*/{sample_id}.png")
+    mask.unlink()
+    args = ["--model", str(MODEL), "--voc-root", str(root), "--device", "cpu"]
+    r = CliRunner().invoke(eval_cli, args)
+    assert r.exit_code == 3 and f"{sample_id}.png: segmentation mask is missing" in r.output, r.output
+    r = CliRunner().invoke(eval_cli, [*args, "--skip-bad", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    skipped = json.loads((tmp_path / "e" / "results.json").read_text())["bad_input"]
+    assert sample_id in json.dumps(skipped), skipped

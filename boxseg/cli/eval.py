@@ -93,7 +93,9 @@ def main(model_path, prop_dir, voc_root, split, flip, scales, crf, crf_method, s
                 output_folder(out_dir)
             if save_dir is not None:
                 output_folder(save_dir, "--save-predictions")
-            target = open_target(voc_root, split, None, None, skip_bad, log)
+            # a model's score needs every image's ground truth; a proposal folder is scored where there is one
+            target = open_target(voc_root, split, None, None, skip_bad, log,
+                                 masks="require" if model_path is not None else "auto")
             conf = ConfusionMatrix(target.images.num_classes)
             res: dict = {"split": split, "data": target.describe}
             if model_path is not None:

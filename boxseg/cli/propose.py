@@ -35,7 +35,10 @@ class Target:
 
 
 def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_images: Path | None,
-                skip_bad: bool, log: BadInputLog) -> Target:
+                skip_bad: bool, log: BadInputLog, masks: str = "auto") -> Target:
+    """The images to work on: a COCO source or a VOC split (default: the synthetic world's).
+    `masks="require"` (a model's evaluation): a VOC image without its ground truth is an error
+    naming the missing file, or with `skip_bad` skipped and listed."""
     from boxseg.data.classes import SOURCE_CLASSES, VOC_CLASSES, VOC_TARGET_CLASSES
     from boxseg.data.images import ImageSet
 
@@ -53,7 +56,7 @@ def open_target(voc_root: Path | None, split: str, coco_ann: Path | None, coco_i
         from boxseg.cli.train import synth_world
 
         voc_root = synth_world("tiny", 0)[2]
-    ds = VOCDataset(voc_root, split, skip_bad=skip_bad, log=log)
+    ds = VOCDataset(voc_root, split, masks=masks, skip_bad=skip_bad, log=log)
     if len(ds) == 0:  # an empty split would be "scored" as mIoU 0.0
         from boxseg.data.voc import split_list_path
 
