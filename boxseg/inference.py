@@ -19,6 +19,7 @@ from boxseg.data.transforms import MEAN_U8
 from boxseg.errors import NonFiniteOutput
 from boxseg.metrics import ConfusionMatrix, SegScores
 from boxseg.predict import Predictor, as_predictor
+from boxseg.predict.base import default_streams
 from boxseg.predict.image import letterbox, letterbox_params, normalize, normalize_table, probabilities
 from boxseg.workers import default_helpers, in_threads
 
@@ -142,7 +143,7 @@ def evaluate_segnet1(model: Predictor, images: ImageSet, test_size: int, device:
         return {"ids": [it.id for it in items], "sizes": sizes, "truth": torch.as_tensor(truth), "views": views,
                 "images": [it.image for it in items] if crf is not None else None}
 
-    streams = 2 if (not cuda and torch.get_num_threads() >= 2 and model.streamable and crf is None) else 1
+    streams = default_streams(device, model) if crf is None else 1  # (the CRF: one image at a time)
     models = model.for_streams(streams) if streams > 1 else [model]
     counts = [torch.zeros(n * n + 1, dtype=torch.int64, device=device) for _ in models]  # the last bin: not counted
 

@@ -70,6 +70,7 @@ from boxseg.faults import failpoint, kill_parent_too
 from boxseg.workers import (background_worker, before_fork, default_helpers, foreground_worker, in_threads,
                             lower_priority)
 from boxseg.predict import as_predictor
+from boxseg.predict.base import default_streams, streamable
 from boxseg.predict.image import (decode_jpegs, letterbox, letterbox_params, letterbox_tensor, normalize_table,
                                   segnet2_inputs, unletterbox)
 from boxseg.proposals import (fill_ranges, merge_foreground, merge_foreground_batch, merge_foreground_fast,
@@ -305,8 +306,7 @@ class ProposalRun:
              "failed": self.failed, "seconds": round(self.seconds, 3), "model_seconds": round(self.model_seconds, 3),
              "stages": {k: round(v, 4) for k, v in self.timing.items()}, "writers": self.writers,
              "decoders": self.decoders, "decode_workers": self.decode_workers, "streams": self.streams,
-             "jpeg_decoder": self.jpeg_decoder,
-             "jpeg_fallbacks": self.jpeg_fallbacks,
+             "jpeg_decoder": self.jpeg_decoder, "jpeg_fallbacks": self.jpeg_fallbacks,
              "start": round(self.start, 4), "fill": round(self.fill, 4), "drain": round(self.drain, 4)}
         if self.seconds > 0:
             d["images_per_s"] = round(self.written / self.seconds, 2)
@@ -358,7 +358,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     server process, so this one, with its CUDA context and heap, is neither copied nor left
     with copy-on-write faults; the dataset is pickled to each worker instead). `streams`
     batches are in the model at once, each in a thread with a share of torch's threads
-    (default `_default_streams`: 2 on CPU with eager torch or onnxruntime, else 1); their maps are
+    (default `default_streams`: 2 on CPU with eager torch or onnxruntime, else 1); their maps are
     taken in batch order, so the outputs do not depend on it. `device_jpeg`: plain JPEGs are
     decoded on `device` (`_device_canvases`: torchvision.io.decode_jpeg, nvJPEG on CUDA), the
     other files as before; not with `cfg.crf`, which needs the image on the host."""
@@ -398,7 +398,7 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
         raise ValueError(f"writer_start must be fork or forkserver, not {writer_start!r}")
     clock = _Clock(device)
     if streams is None:
-        streams = _default_streams(segnet2, segnet1, device)
+        streams = default_streams(device, segnet2, segnet1)
     streams = max(1, streams)
     check_streams(streams, segnet2, segnet1)
     # each stream its own Predictor (the same one for eager torch; a session each for onnxruntime)
@@ -603,12 +603,6 @@ def propose(segnet2, segnet1, images: ImageSet, out_dir: Path, size: int, cfg: P
     return run
 
 
-def streamable(*predictors) -> bool:
-    """Whether model streams may run these Predictors (`Predictor.streamable`: eager torch, or
-    onnxruntime on CPU)."""
-    return all(p is None or p.streamable for p in predictors)
-
-
 class StreamsRefused(ValueError):
     """More than one model stream asked of a Predictor that holds one set of buffers."""
 
@@ -620,14 +614,6 @@ def check_streams(streams: int | None, segnet2, segnet1=None) -> None:
         raise StreamsRefused(f"{streams} model streams run batches at once, which the {segnet2.backend} backend "
                              f"on {segnet2.device.type} does not allow (one set of buffers for its runs): eager "
                              f"torch, or onnxruntime on CPU, do")
-
-
-def _default_streams(segnet2, segnet1, device: torch.device) -> int:
-    """Model streams: on CPU where the backend allows them (eager torch, onnxruntime), 2
-    batches in flight on half the threads each; else 1."""
-    if device.type != "cpu" or torch.get_num_threads() < 2 or not streamable(segnet2, segnet1):
-        return 1
-    return 2
 
 
 def _post_process(entries: list, cfg: ProposalConfig, instances: bool, device: torch.device,

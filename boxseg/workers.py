@@ -97,8 +97,8 @@ def background_worker(_: int, command: int | None = None) -> None:
 
 
 def default_helpers(processes: bool) -> int:
-    """boxseg-propose's decoders when --workers is not given, and its PNG writers. Threads
-    (on CPU): 2. For the decoders, as before
+    """boxseg-propose's decoders when --workers is not given, and its PNG writers (and
+    boxseg-eval's decode threads, sized alike). Threads (on CPU): 2. For the decoders, as before
     (on the 2-core machine 1 thread was no better: in-process paired A/Bs gave -5 and -7 ms
     a run of ~0.44 s, but `boxseg-bench --e2e` in alternation, 4 runs each, 59, 59, 60, 56%
     with 2 against 57, 58, 57, 59% with 1). Processes (on CUDA): half the CPUs, 2 to 8 (the

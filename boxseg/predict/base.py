@@ -49,6 +49,21 @@ def configure_cuda(precision: str) -> dict:
     return {"cudnn_benchmark": True, "tf32": bool(torch.backends.cudnn.allow_tf32) and precision == "fp32"}
 
 
+def streamable(*predictors) -> bool:
+    """Whether model streams may run these Predictors (`Predictor.streamable`: eager torch, or
+    onnxruntime on CPU); None stands for no Predictor."""
+    return all(p is None or p.streamable for p in predictors)
+
+
+def default_streams(device: torch.device, *predictors) -> int:
+    """Model streams (batches in the model at once, each in a thread on 1/n of torch's
+    threads: boxseg-propose's and boxseg-eval's): on CPU, where torch has 2 threads or more
+    and the backends allow them (eager torch, onnxruntime), 2; else 1."""
+    if device.type != "cpu" or torch.get_num_threads() < 2 or not streamable(*predictors):
+        return 1
+    return 2
+
+
 def batch_bucket(n: int, batch: int) -> int:
     """The fixed batch shape an input of n samples is padded to: the smallest power of two
     >= n, capped at `batch` (so at most log2(batch) + 1 shapes are ever compiled)."""
